@@ -1,0 +1,155 @@
+"""Pieces every family shares: RMSNorm, rotary embeddings, attention with its masks, the gated MLP, a KV cache.
+
+Shapes: B batch, T query tokens, S key tokens (T + cached), H query heads, K key/value heads, D head_dim.
+
+Numerics follow transformers' modeling files where they differ from the textbook, so fp32 logits agree to
+~1e-5 and bf16 runs round the same way: RMSNorm normalises in fp32 and casts back before the weight (Llama)
+or after it (Gemma's `1 + w`); cos/sin are computed in fp32 and cast to the activations' dtype.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minilora.config import ModelConfig, rope_inv_freq
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * (offset + w). Gemma stores w - 1 (offset 1, weights init at 0)."""
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0):
+        super().__init__()
+        self.eps, self.offset = eps, offset
+        self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:  # Gemma: scale in fp32, then cast
+            return (xf * (self.offset + self.weight.float())).type_as(x)
+        return self.weight * xf.to(x.dtype)  # Llama: cast, then scale in the weight's dtype
+
+
+def rope_cos_sin(config: ModelConfig, layer_type: str, position_ids: torch.Tensor, dtype: torch.dtype):
+    """cos, sin of shape [B, T, D] for the given positions [B, T]. Recomputed per forward: it is a [B,T,D/2]
+    outer product, negligible next to attention, and keeps the module free of buffers on the meta device."""
+    seq_len = int(position_ids.max()) + 1 if position_ids.numel() else 0
+    inv_freq, scale = rope_inv_freq(config.rope[layer_type], config.head_dim, config.max_position_embeddings, seq_len)
+    freqs = position_ids[..., None].float() * inv_freq.to(position_ids.device)  # [B, T, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # rotate-half layout: [f0..f_{D/2-1}, f0..f_{D/2-1}]
+    return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, D]; cos/sin [B, T, D]. Rotates the first cos.shape[-1] dims (partial rotary)."""
+    cos, sin = cos[:, None], sin[:, None]
+    d = cos.shape[-1]
+    if d == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    xr, xp = x[..., :d], x[..., d:]
+    return torch.cat((xr * cos + rotate_half(xr) * sin, xp), dim=-1)
+
+
+def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, q_doc: torch.Tensor | None,
+                   k_doc: torch.Tensor | None, window: int | None) -> torch.Tensor:
+    """Boolean [B, 1, T, S], True where query may attend key: causal by position, within the same packed
+    document, and (sliding window) at most window-1 positions back, as transformers' `sliding_window_overlay`."""
+    qp, kp = q_pos[:, :, None], k_pos[:, None, :]  # [B, T, 1], [B, 1, S]
+    mask = kp <= qp
+    if q_doc is not None:
+        mask = mask & (q_doc[:, :, None] == k_doc[:, None, :])
+    if window is not None:
+        mask = mask & (qp - kp < window)
+    return mask[:, None]
+
+
+def attention(q, k, v, mask, scale: float, softcap: float | None = None):
+    """q [B, H, T, D], k/v [B, K, S, D], mask [B, 1, T, S] bool or None (plain causal, T == S).
+    SDPA picks flash/efficient kernels on GPU. Soft-capping the scores (Gemma 2) is not expressible in SDPA,
+    so that path computes the scores explicitly: softmax(cap * tanh(q k^T * scale / cap) + mask) v."""
+    if softcap is None:
+        if mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    n_rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, H, T, S]
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is None:
+        T, S = q.shape[2], k.shape[2]
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v)
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)): SwiGLU with silu (Llama, Qwen, Mistral), GeGLU-tanh with gelu (Gemma)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        h, i, b = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(h, i, bias=b)
+        self.up_proj = nn.Linear(h, i, bias=b)
+        self.down_proj = nn.Linear(i, h, bias=b)
+        if config.hidden_act == "silu":
+            self.act = F.silu
+        elif config.hidden_act in ("gelu_pytorch_tanh", "gelu_tanh"):
+            self.act = lambda x: F.gelu(x, approximate="tanh")
+        else:
+            raise ValueError(f"unsupported hidden_act {config.hidden_act!r}; supported: silu, gelu_pytorch_tanh")
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class KVCache:
+    """Preallocated keys/values per layer, [B, K, max_len, D], filled left to right. `length` is the number
+    of positions already written; a model forward appends T positions to every layer, then advances it."""
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device, dtype):
+        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.max_len = max_len
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Write k/v [B, K, T, D] after the cached positions; return all keys/values so far [B, K, S, D]."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache is full: {end} positions > max_len {self.max_len}")
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class AttentionInputs:
+    """What every layer's attention needs for one forward, computed once: cos/sin and the mask for each
+    layer type present. mask None means plain causal over a fresh sequence (SDPA's fast is_causal path)."""
+
+    def __init__(self, config: ModelConfig, input_ids: torch.Tensor, position_ids: torch.Tensor | None,
+                 cache: KVCache | None, dtype: torch.dtype):
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        device = input_ids.device
+        packed = position_ids is not None and cache is None
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=device).expand(B, T)
+        # Packed rows (padding-free training): a position that restarts at 0 starts a new document.
+        doc = (position_ids == 0).cumsum(-1) if packed else None
+        k_pos = position_ids
+        if past:  # cached keys sit at positions 0..past-1 (generation never packs)
+            k_pos = torch.arange(past + T, device=device).expand(B, past + T)
+        self.cos_sin, self.masks = {}, {}
+        for lt in set(config.layer_types):
+            self.cos_sin[lt] = rope_cos_sin(config, lt, position_ids, dtype)
+            window = config.sliding_window if lt == "sliding_attention" else None
+            needs_mask = packed or past or (window is not None and window < past + T)
+            self.masks[lt] = attention_mask(position_ids, k_pos, doc, doc, window) if needs_mask else None
