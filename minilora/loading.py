@@ -88,6 +88,10 @@ class WeightFiles:
                 raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
         return self._handles[path]
 
+    def release(self, path: Path):
+        """Unmap a file whose tensors are all read: its pages stop counting against this process."""
+        self._handles.pop(path, None)
+
     def get(self, key: str) -> torch.Tensor:
         if self._pickled is not None:
             return self._pickled[key]
@@ -143,8 +147,12 @@ def _materialize(model: nn.Module, files: WeightFiles, four_bit: dict, device, d
     targets = {n: t for n, t in [*model.named_parameters(remove_duplicate=False),
                                  *model.named_buffers(remove_duplicate=False)]}
     tied = "lm_head.weight" if model.config.tie_word_embeddings else None
+    previous = None
     for key in sorted(files.key_file, key=lambda k: (str(files.key_file[k]), k)):  # file order: sequential reads
         where = files.key_file[key]
+        if previous is not None and where != previous:
+            files.release(previous)  # host memory stays around one shard
+        previous = where
         module_name, _, leaf = key.rpartition(".")
         if IGNORED_KEYS.search(key) or key == tied:
             continue
