@@ -122,6 +122,8 @@ class ModelConfig:
         mt = d.get("model_type")
         if mt not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(f"unsupported model_type {mt!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        if d.get("use_bidirectional_attention"):  # EmbeddingGemma: an encoder, not a causal LM
+            raise ConfigError("use_bidirectional_attention is true; minilora supports causal language models only")
         gemma = mt.startswith("gemma")
         n_layers = d["num_hidden_layers"]
         n_heads = d["num_attention_heads"]
@@ -148,15 +150,17 @@ class ModelConfig:
             o_bias=False if mt == "qwen2" else attention_bias,
             mlp_bias=bool(d.get("mlp_bias", False)),
             qk_norm=mt in ("qwen3", "gemma3_text"),
-            query_pre_attn_scalar=d.get("query_pre_attn_scalar") if mt in ("gemma2", "gemma3_text") else None,
-            attn_logit_softcapping=d.get("attn_logit_softcapping") if mt == "gemma2" else None,
+            # missing Gemma 2/3 keys take transformers' Gemma2Config/Gemma3TextConfig defaults; null means off
+            query_pre_attn_scalar=d.get("query_pre_attn_scalar", 256) if mt in ("gemma2", "gemma3_text") else None,
+            attn_logit_softcapping=d.get("attn_logit_softcapping", 50.0) if mt == "gemma2" else None,
             sliding_window=_sliding_window(d, mt),
             layer_types=_layer_types(d, mt, n_layers),
             rope=_rope(d, mt),
             norm_offset=1.0 if gemma else 0.0,
             scale_embeddings=gemma,
             sandwich_norm=mt in ("gemma2", "gemma3_text"),
-            final_logit_softcapping=d.get("final_logit_softcapping") if mt in ("gemma2", "gemma3_text") else None,
+            final_logit_softcapping=(d.get("final_logit_softcapping", 30.0 if mt == "gemma2" else None)
+                                     if mt in ("gemma2", "gemma3_text") else None),
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=d.get("eos_token_id"),
             pad_token_id=d.get("pad_token_id"),
@@ -168,6 +172,8 @@ class ModelConfig:
 def _sliding_window(d: dict, mt: str) -> int | None:
     if mt in ("qwen2", "qwen3") and not d.get("use_sliding_window", False) and "layer_types" not in d:
         return None  # Qwen configs carry a sliding_window value that is off unless use_sliding_window
+    if mt in ("gemma2", "gemma3_text"):
+        return d.get("sliding_window", 4096)  # transformers' default for both
     return d.get("sliding_window")
 
 
@@ -199,8 +205,8 @@ def _rope(d: dict, mt: str) -> dict[str, dict]:
     else:
         one = _rope_one(d.get("rope_scaling") or {}, d.get("rope_theta", default_theta))
     out = {"full_attention": one, "sliding_attention": one}
-    if "rope_local_base_freq" in d:  # classic Gemma 3: sliding layers use plain RoPE with their own base
-        out["sliding_attention"] = {"rope_type": "default", "rope_theta": float(d["rope_local_base_freq"])}
+    if mt == "gemma3_text":  # classic Gemma 3: sliding layers use plain RoPE with their own base (default 10k)
+        out["sliding_attention"] = {"rope_type": "default", "rope_theta": float(d.get("rope_local_base_freq", 1e4))}
     return out
 
 

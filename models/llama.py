@@ -63,21 +63,22 @@ class DecoderLayer(nn.Module):
 
 
 class Model(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, decoder_layer=DecoderLayer):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(decoder_layer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_offset)
 
 
 class LlamaForCausalLM(nn.Module):
     """forward(input_ids [B, T]) -> logits [B, T, vocab]. `hidden_states` stops before the LM head, for the
-    chunked loss that never builds all logits. position_ids restarting at 0 inside a row mark packed documents."""
+    chunked loss that never builds all logits. position_ids restarting at 0 inside a row mark packed documents.
+    `decoder_layer` is the block class; Gemma 2/3 pass their sandwich-norm block (models/gemma.py)."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, decoder_layer=DecoderLayer):
         super().__init__()
         self.config = config
-        self.model = Model(config)
+        self.model = Model(config, decoder_layer)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         # Each entry runs one decoder layer; the training loop swaps in checkpointed versions per layer.
         self.layer_runners: list | None = None

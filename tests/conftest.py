@@ -32,6 +32,10 @@ def real_hf_dir():
             tmp = out.with_name(out.name + ".tmp")
             tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            # transformers refuses to save a GGUF-loaded model; its weights are already dequantized to fp32
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
             tmp.replace(out)
