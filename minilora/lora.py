@@ -1,0 +1,317 @@
+"""LoRA: a frozen (optionally 4-bit) linear layer plus a trainable low-rank update, and the function that puts
+it into a model.
+
+                 x  [*, in]
+                 │
+       ┌─────────┴──────────┐
+       │                    dropout
+       │                    │
+   W₀ [out, in]         A [r, in]      Kaiming-uniform (a=√5, as PEFT), trainable
+   frozen: bf16/fp16/   │
+   fp32, or NF4         xa [*, r]
+       │                    │
+       │                B [out, r]     zeros, trainable
+       │                    │ × s
+       └──── (+ b) ──── + ──┘
+                 │
+                 y  [*, out]
+
+    y = x W₀ᵀ + b + s · dropout(x) Aᵀ Bᵀ          s = α / r        (rsLoRA: s = α / √r)
+    merge:  W = W₀ + s · B A                        B starts at zero, so training starts from the base model
+
+(Hu et al. 2021, "LoRA"; Dettmers et al. 2023, "QLoRA" for the NF4 base; Kalajdzievski 2023, "rsLoRA".)
+
+Gradients, with xd = dropout(x), dY [N, out] (W₀ and b are frozen, so they get none):
+
+    dX = dY W₀ + s (dY B) A        dA = s (dY B)ᵀ xd        dB = s dYᵀ (xd Aᵀ)
+
+Every product with B or A goes through an [N, r] tensor first, so LoRA costs O(N·r·(in+out)) on top of the
+base matmul. `LoRAFunction` does forward and backward by hand so that the dequantized W₀ is a temporary in
+both passes: autograd would otherwise keep an [out, in] 16-bit copy per layer alive until backward, which is
+the whole memory that 4-bit storage saves. What it saves for backward is xd, xa = xd Aᵀ [N, r], A and B.
+
+LoRA weights live in fp32 (the optimizer's master copy, as PEFT keeps them); forward and backward cast them to
+the activations' dtype, and the gradients come back in fp32. Parameter names are PEFT's without the
+`base_model.model.` prefix and the adapter name: `<module>.lora_A.weight`, `<module>.lora_B.weight`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minilora.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _dense(base: torch.Tensor | NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The base weight [out, in] in `dtype`: dequantized into a fresh temporary, or the plain tensor (cast)."""
+    if isinstance(base, NF4Tensor):
+        return dequantize_nf4(base, dtype)
+    return base.to(dtype)
+
+
+class LoRAFunction(torch.autograd.Function):
+    """y = x W₀ᵀ + b + s (xd Aᵀ) Bᵀ on 2-D inputs x [N, in]. xd is the dropped-out x, or None when it is x
+    itself (no dropout), in which case x's gradient carries both terms. A and B are None for r = 0: the
+    frozen linear alone, which saves nothing at all. Gradient formulas: see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, x, xd, base, bias, A, B, scale: float):
+        w = _dense(base, x.dtype)  # [out, in], freed when forward returns
+        y = F.linear(x, w, bias)  # [N, out]
+        del w
+        ctx.base, ctx.scale, ctx.same = base, scale, xd is None
+        if A is None:
+            return y
+        xd = x if xd is None else xd
+        xa = xd @ A.to(x.dtype).t()  # [N, r]
+        y.addmm_(xa, B.to(x.dtype).t(), alpha=scale)  # + s · xa Bᵀ
+        ctx.save_for_backward(xd, xa, A, B)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):  # dy [N, out]
+        need_x, need_xd, _, need_b, need_A, need_B, _ = ctx.needs_input_grad
+        dx = dxd = db = dA = dB = None
+        lora = bool(ctx.saved_tensors)
+        if lora:
+            xd, xa, A, B = ctx.saved_tensors
+            a = A.to(dy.dtype)  # [r, in]
+            dyb = (dy @ B.to(dy.dtype)).mul_(ctx.scale)  # s · dY B  [N, r]
+        if need_x:
+            dx = dy @ _dense(ctx.base, dy.dtype)  # dY W₀  [N, in]
+            if lora and ctx.same:
+                dx.addmm_(dyb, a)
+        if need_xd:  # dropout on: the LoRA branch's input gradient flows back through dropout separately
+            dxd = dyb @ a
+        if need_A:
+            dA = (dyb.t() @ xd).to(A.dtype)  # [r, in]
+        if need_B:
+            dB = (dy.t() @ xa).mul_(ctx.scale).to(B.dtype)  # [out, r]
+        if need_b:
+            db = dy.sum(0)
+        return dx, dxd, None, db, dA, dB, None
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer W₀ [out, in] (+ bias), with a rank-r LoRA update when r > 0.
+
+    The base weight is either `self.weight` (an nn.Parameter with requires_grad=False, any float dtype) or
+    `self.nf4` (an NF4Tensor; `self.weight` is then None). The NF4 tensors are not parameters or buffers, so
+    `state_dict()` holds no half-meaningful uint8 entries (a merged export goes through `merge()`); `_apply`
+    moves them on `.to()` / `.cuda()` and follows dtype casts of the module in its compute dtype, leaving the
+    fp32 quantization constants alone. r = 0 is the plain frozen layer the loader uses for 4-bit inference.
+    A freshly built module's base weight is uninitialised: the loader (`set_base_weight`) or `from_linear`
+    provides it.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, r: int = 0, lora_alpha: float = 16,
+                 lora_dropout: float = 0.0, use_rslora: bool = False, device=None, dtype=None,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype),
+                                   requires_grad=False)
+        self.bias = (nn.Parameter(torch.empty(out_features, device=device, dtype=dtype), requires_grad=False)
+                     if bias else None)
+        self.nf4: NF4Tensor | None = None
+        self.r, self.lora_alpha, self.lora_dropout, self.use_rslora, self.scaling = 0, lora_alpha, 0.0, False, 0.0
+        if r > 0:
+            self.init_lora(r, lora_alpha, lora_dropout, use_rslora, generator)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> LoRALinear:
+        """An r = 0 LoRALinear that takes over the linear's own weight and bias Parameters, frozen."""
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
+        m.weight = linear.weight.requires_grad_(False)
+        if linear.bias is not None:
+            m.bias = linear.bias.requires_grad_(False)
+        return m
+
+    def init_lora(self, r: int, lora_alpha: float, lora_dropout: float = 0.0, use_rslora: bool = False,
+                  generator: torch.Generator | None = None):
+        """Add lora_A [r, in] (Kaiming-uniform from `generator`, on CPU so the draw does not depend on the
+        device) and lora_B [out, r] = 0, both fp32 on the base weight's device."""
+        if r <= 0:
+            raise ValueError(f"LoRA rank r must be positive, got {r}")
+        if self.r > 0:
+            raise ValueError("this LoRALinear already has a LoRA update (inject_lora called twice?)")
+        self.r, self.lora_alpha, self.lora_dropout, self.use_rslora = r, lora_alpha, float(lora_dropout), use_rslora
+        self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        a = nn.Linear(self.in_features, r, bias=False, device="meta").to_empty(device="cpu")
+        b = nn.Linear(r, self.out_features, bias=False, device="meta").to_empty(device="cpu")
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5), generator=generator)
+            b.weight.zero_()
+        self.lora_A, self.lora_B = a.to(self.device), b.to(self.device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.nf4.packed.device if self.nf4 is not None else self.weight.device
+
+    # --- base weight: what the loader calls, tensor by tensor ---
+
+    def set_base_weight(self, w: torch.Tensor, quantize: bool):
+        """Take a dense [out, in] weight; with quantize, store it as NF4 (quantized on w's device, in w's dtype
+        as the compute dtype) and keep no reference to the dense tensor."""
+        if tuple(w.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"LoRALinear: base weight has shape {tuple(w.shape)}, expected "
+                             f"{(self.out_features, self.in_features)}")
+        if quantize:
+            self.nf4, self.weight = quantize_nf4(w), None
+        else:
+            self.nf4, self.weight = None, nn.Parameter(w, requires_grad=False)
+
+    def set_base_nf4(self, q: NF4Tensor):
+        if tuple(q.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"LoRALinear: NF4 weight has shape {tuple(q.shape)}, expected "
+                             f"{(self.out_features, self.in_features)}")
+        self.nf4, self.weight = q, None
+
+    def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """W₀ [out, in]: dequantized (default: the NF4 compute dtype) or the plain weight (default: its dtype)."""
+        if self.nf4 is not None:
+            return dequantize_nf4(self.nf4, dtype or self.nf4.dtype)
+        return self.weight.detach() if dtype is None else self.weight.detach().to(dtype)
+
+    @torch.no_grad()
+    def merge(self) -> torch.Tensor:
+        """W₀ + s · B A in fp32 [out, in], for export; the module itself is left unchanged."""
+        w = self.dense_weight(torch.float32)
+        if self.r == 0:
+            return w.clone()
+        return torch.addmm(w, self.lora_B.weight.float(), self.lora_A.weight.float(), alpha=self.scaling)
+
+    def _apply(self, fn, recurse=True):
+        # nn.Module moves/casts only parameters and buffers. Run fn on an empty probe in the NF4 compute dtype
+        # to learn where the module goes: the NF4 tensors follow the device, the compute dtype follows float
+        # casts (model.to(torch.bfloat16)), and the packed bytes and fp32 constants stay as they are.
+        if self.nf4 is not None:
+            probe = fn(torch.empty(0, dtype=self.nf4.dtype, device=self.nf4.packed.device))
+            self.nf4 = dataclasses.replace(self.nf4.to(probe.device), dtype=probe.dtype)
+        return super()._apply(fn, recurse)
+
+    # --- forward ---
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [*, in] -> [*, out]
+        if self.nf4 is None and self.r == 0:
+            return F.linear(x, self.weight, self.bias)  # frozen or full fine-tuning: autograd as usual
+        if self.weight is not None and self.weight.requires_grad:
+            raise RuntimeError("LoRALinear: the base weight must stay frozen when LoRA is on (requires_grad=False)")
+        x2 = x.reshape(-1, self.in_features)  # [N, in]
+        xd = None
+        if self.r > 0 and self.training and self.lora_dropout > 0:
+            xd = F.dropout(x2, self.lora_dropout, training=True)
+        base = self.nf4 if self.nf4 is not None else self.weight
+        a, b = (self.lora_A.weight, self.lora_B.weight) if self.r > 0 else (None, None)
+        y = LoRAFunction.apply(x2, xd, base, self.bias, a, b, self.scaling)  # [N, out]
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        base = f"nf4 (compute {self.nf4.dtype})" if self.nf4 is not None else str(self.weight.dtype)
+        s = f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, base={base}"
+        if self.r > 0:
+            s += f", r={self.r}, alpha={self.lora_alpha}, dropout={self.lora_dropout}, rslora={self.use_rslora}"
+        return s
+
+
+# --- putting LoRA into a model ---
+
+def _linears(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, LoRALinear))}
+
+
+def _matches(name: str, target: str) -> bool:
+    """PEFT's rule: the full module name, or a suffix of it on a `.` boundary ("q_proj", "self_attn.q_proj")."""
+    return name == target or name.endswith("." + target)
+
+
+def _select(candidates: Sequence[str], targets: Sequence[str], what: str) -> list[str]:
+    """The candidate names that some target matches; every target must match at least one."""
+    unknown = [t for t in targets if not any(_matches(n, t) for n in candidates)]
+    if unknown:
+        leaves = sorted({leaf for n in candidates if not (leaf := n.rsplit(".", 1)[-1]).isdigit()})
+        raise ValueError(f"{what}: {unknown} match no module; available names: {leaves} (or full module names)")
+    return [n for n in candidates if any(_matches(n, t) for t in targets)]
+
+
+def _target_list(target_modules) -> list[str]:
+    return [target_modules] if isinstance(target_modules, str) else list(target_modules)
+
+
+def _swap(model: nn.Module, name: str, new: nn.Module):
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+def replace_linears_for_4bit(model: nn.Module, target_modules: Sequence[str]) -> list[str]:
+    """Swap the targeted nn.Linear modules for r = 0 LoRALinear placeholders that keep the linear's (meta)
+    weight and bias Parameters; the loader then fills them through `set_base_weight` / `set_base_nf4`.
+    Returns the swapped module names."""
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    names = _select(list(linears), _target_list(target_modules), "replace_linears_for_4bit target_modules")
+    for name in names:
+        _swap(model, name, LoRALinear.from_linear(linears[name]))
+    return names
+
+
+def inject_lora(model: nn.Module, r: int = 16, lora_alpha: float = 16, lora_dropout: float = 0.0,
+                target_modules: str | Sequence[str] = DEFAULT_TARGETS, use_rslora: bool = False,
+                modules_to_save: Sequence[str] = (), seed: int = 0) -> list[str]:
+    """Give the targeted linear layers a LoRA update, in place, and freeze everything else.
+
+    target_modules: names matched as by PEFT (last component like "q_proj", or a full/suffix name), or
+    "all-linear" (every linear layer except lm_head). Targets may be nn.Linear or the r = 0 LoRALinear of a
+    4-bit load; the base weight, bias and NF4 state are kept. A is drawn from torch.Generator seeded with
+    `seed`, module by module in model order, so the same seed gives the same adapter on any device.
+
+    modules_to_save (e.g. ["embed_tokens", "lm_head"]): modules trained in full, in their own dtype (for new
+    tokens). A tied embedding is one Parameter under two names, so training either trains both and they stay
+    tied. Returns the names of the LoRA modules.
+    """
+    linears = _linears(model)
+    if target_modules == "all-linear":
+        names = [n for n in linears if n.rsplit(".", 1)[-1] != "lm_head"]
+    else:
+        names = _select(list(linears), _target_list(target_modules), "inject_lora target_modules")
+    saved = _select([n for n, _ in model.named_modules() if n], list(modules_to_save),
+                    "inject_lora modules_to_save") if modules_to_save else []
+    both = sorted(n for n in names if any(n == s or n.startswith(s + ".") for s in saved))
+    if both:
+        raise ValueError(f"inject_lora: {both} are both LoRA targets and (inside) modules_to_save; pick one")
+
+    gen = torch.Generator().manual_seed(seed)
+    for name in names:
+        m = linears[name]
+        lora = LoRALinear.from_linear(m) if isinstance(m, nn.Linear) else m
+        lora.init_lora(r, lora_alpha, lora_dropout, use_rslora, gen)
+        _swap(model, name, lora)
+
+    for n, p in model.named_parameters():
+        p.requires_grad_(_is_lora(n))
+    for name in saved:
+        m = model.get_submodule(name)
+        if isinstance(m, LoRALinear) and m.nf4 is not None:
+            raise ValueError(f"inject_lora modules_to_save: {name!r} is stored in 4-bit and cannot be trained in full")
+        for p in m.parameters():
+            p.requires_grad_(True)
+    return names
+
+
+def _is_lora(param_name: str) -> bool:
+    return any(part.startswith("lora_") for part in param_name.split("."))
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for n, p in model.named_parameters() if _is_lora(n)]
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{"<module>.lora_A.weight": [r, in], "<module>.lora_B.weight": [out, r], ...}"""
+    return {n: p.detach() for n, p in model.named_parameters() if _is_lora(n)}
