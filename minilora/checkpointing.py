@@ -1,0 +1,216 @@
+"""Activation checkpointing per decoder layer: keep each layer's input, recompute the layer in backward.
+
+Training a layer normally keeps every intermediate it made (q, k, v, attention output, the MLP's
+[B, T, intermediate] activations, ...) until backward: for an 8B model at 8k tokens, gigabytes per layer.
+With checkpointing a layer keeps only its input x [B, T, H]:
+
+    forward:   x_i --layer (no_grad)--> x_{i+1}          keep x_i, nothing else
+    backward:  x_i --layer (enable_grad)--> x_{i+1}      run it again, now recording the graph
+               backprop grad(x_{i+1}) through it  -> grad(x_i), and the layer's LoRA weights' grads
+
+Three modes, chosen per layer (`set_checkpointing(model, ["offload"] * 8 + ["recompute"] * 24)`):
+    off        autograd keeps everything: fastest, most memory
+    recompute  x_i stays on the GPU; costs one extra layer forward in backward (~1/3 more compute)
+    offload    as recompute, but x_i goes to pinned CPU memory during forward, on a side CUDA stream so the
+               copy overlaps the layer's compute, and comes back during backward ahead of need: when layer i's
+               backward starts, layer i-1's input starts its trip back while layer i recomputes. Host buffers
+               come from a pool reused step after step, since allocating pinned memory per tensor is slow
+               enough to eat the overlap (torchtune's activation offloading lost it that way).
+               On a CPU-only machine the same code degenerates to synchronous copies, so CI tests it.
+
+Why a custom autograd.Function and not torch.utils.checkpoint: offloading needs control over where the
+layer input lives between forward and backward, and the non-reentrant checkpoint keeps its inputs alive in a
+closure that saved_tensors_hooks never see; the reentrant one would need the same stash code anyway. Here the
+Function saves exactly one thing (x_i, or its host copy), and the layer's trainable parameters are passed as
+Function inputs, so (a) the output requires grad even when x_0 does not (frozen embeddings: no
+`enable_input_require_grads` hack), and (b) their gradients are *returned* by backward, so
+`torch.autograd.grad` works as well as `.backward()`. Like torch.utils.checkpoint, the CPU and CUDA RNG states
+are saved at forward and restored for the recompute, so LoRA dropout drops the same units twice; autocast
+state is restored too.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+MODES = ("off", "recompute", "offload")
+
+
+def set_checkpointing(model, modes: str | list[str]) -> None:
+    """Give `model.layer_runners` one entry per decoder layer: None ("off") or a LayerCheckpoint.
+    `modes` is one mode for every layer or a list with one mode per layer."""
+    n = len(model.model.layers)
+    modes = [modes] * n if isinstance(modes, str) else list(modes)
+    if len(modes) != n:
+        raise ValueError(f"set_checkpointing: got {len(modes)} modes for {n} decoder layers")
+    bad = sorted(set(modes) - set(MODES))
+    if bad:
+        raise ValueError(f"set_checkpointing: unknown mode(s) {bad}; expected one of {MODES}")
+    offloader = HostOffloader() if "offload" in modes else None  # one pool and stream for the whole model
+    runners = [None if m == "off" else LayerCheckpoint(offloader if m == "offload" else None) for m in modes]
+    model.layer_runners = runners if any(r is not None for r in runners) else None
+
+
+class LayerCheckpoint:
+    """run(layer, x, inputs) -> layer(x, inputs), keeping only x for backward (on the host with an offloader)."""
+
+    def __init__(self, offloader: HostOffloader | None = None):
+        self.offloader = offloader
+
+    def __repr__(self):
+        return f"LayerCheckpoint({'offload' if self.offloader else 'recompute'})"
+
+    def __call__(self, layer, x: torch.Tensor, inputs) -> torch.Tensor:
+        params = [p for p in layer.parameters() if p.requires_grad]  # LoRA A/B; frozen NF4 weights drop out
+        if not torch.is_grad_enabled() or not (x.requires_grad or params):
+            return layer(x, inputs)  # evaluation: nothing to save
+        return _CheckpointedLayer.apply(layer, inputs, self.offloader, x, *params)
+
+
+class _CheckpointedLayer(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, layer, inputs, offloader, x, *params):
+        # x [B, T, H]; runs under no_grad (autograd.Function.forward always does): no activations kept
+        ctx.layer, ctx.inputs, ctx.device = layer, inputs, x.device
+        ctx.rng = _get_rng(x.device)
+        ctx.autocast = (torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type))
+        if offloader is None:
+            ctx.stash = None
+            ctx.save_for_backward(x, *params)
+        else:
+            ctx.stash = offloader.stash(x)
+            ctx.save_for_backward(*params)  # saved so an in-place update before backward is caught
+        return layer(x, inputs)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        saved = ctx.saved_tensors
+        if ctx.stash is None:
+            x, params = saved[0], saved[1:]
+        else:
+            x, params = ctx.stash.fetch(), saved  # also starts bringing back the previous layer's input
+            ctx.stash = None  # its host buffer goes back to the pool
+        x = x.detach().requires_grad_(ctx.needs_input_grad[3])
+        cuda = [ctx.device] if ctx.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda, device_type="cuda"):  # leave the caller's RNG stream alone
+            _set_rng(ctx.rng, ctx.device)
+            with torch.enable_grad(), torch.autocast(ctx.device.type, enabled=ctx.autocast[0],
+                                                     dtype=ctx.autocast[1]):
+                out = ctx.layer(x, ctx.inputs)  # [B, T, H], the same values as in forward
+        wrt = ([x] if x.requires_grad else []) + list(params)
+        grads = torch.autograd.grad(out, wrt, grad_out, allow_unused=True)
+        grad_x = grads[0] if x.requires_grad else None
+        return (None, None, None, grad_x, *grads[len(wrt) - len(params):])
+
+
+def _get_rng(device: torch.device):
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def _set_rng(state, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+# --- offloading ----------------------------------------------------------------------------------------------
+class HostOffloader:
+    """Moves checkpointed layer inputs to host memory and back; one per model, shared by its offloaded layers.
+
+    Ordering on CUDA (main = the compute stream, side = self.stream; both copy directions use side, so a
+    host buffer's next download can never overtake its previous upload):
+        stash:  side waits for main (x is computed) -> side copies x to host -> x.record_stream(side),
+                so the allocator does not hand x's memory out again before the copy has read it
+        fetch:  side waits for main (the destination block is free on main) -> side copies host -> GPU,
+                records an event -> main waits for that event only
+    `pending` lists the stashes in forward order, weakly, so a graph dropped without backward frees its buffers.
+    """
+
+    def __init__(self):
+        self.pool: list[_HostBuffer] = []
+        self.pending: list[weakref.ref] = []
+        self.stream: torch.cuda.Stream | None = None  # made on first CUDA use
+
+    def stash(self, x: torch.Tensor) -> _Stash:
+        nbytes = x.numel() * x.element_size()
+        buf = self._acquire(nbytes, x.device)
+        host = buf.data[:nbytes].view(x.dtype).view(x.shape)  # [B, T, H] view of the pooled bytes
+        if x.is_cuda:
+            side = self._side_stream(x.device)
+            side.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(side):
+                host.copy_(x, non_blocking=True)
+            x.record_stream(side)
+        else:
+            host.copy_(x)
+        st = _Stash(self, host, x.device)
+        buf.owner = weakref.ref(st)
+        self.pending = [r for r in self.pending if r() is not None] + [weakref.ref(st)]
+        return st
+
+    def prefetch_before(self, st: _Stash) -> None:
+        """Layer st's backward is under way: start fetching the input stashed just before it (the previous
+        layer's), so its copy overlaps this layer's recompute and backward."""
+        self.pending = [r for r in self.pending if r() is not None and r() is not st]
+        if self.pending:
+            self.pending[-1]().start_fetch()
+
+    def _acquire(self, nbytes: int, device: torch.device) -> _HostBuffer:
+        """The smallest free pooled buffer that fits; else a new one (power-of-two size, so sequence lengths
+        that vary step to step settle on a few sizes), replacing a free buffer that was too small."""
+        free = [b for b in self.pool if b.owner is None or b.owner() is None]
+        fits = [b for b in free if b.data.numel() >= nbytes]
+        if fits:
+            return min(fits, key=lambda b: b.data.numel())
+        if free:
+            self.pool.remove(min(free, key=lambda b: b.data.numel()))
+        size = max(2**21, 1 << (nbytes - 1).bit_length())
+        buf = _HostBuffer(torch.empty(size, dtype=torch.uint8, pin_memory=device.type == "cuda"))
+        self.pool.append(buf)
+        return buf
+
+    def _side_stream(self, device: torch.device) -> torch.cuda.Stream:
+        if self.stream is None or self.stream.device != device:
+            self.stream = torch.cuda.Stream(device=device)
+        return self.stream
+
+
+class _HostBuffer:
+    """Pooled host bytes (pinned on CUDA machines); free when its owning stash is gone."""
+
+    def __init__(self, data: torch.Tensor):
+        self.data = data  # [size] uint8
+        self.owner: weakref.ref | None = None
+
+
+class _Stash:
+    """One layer input living in a host buffer until its layer's backward brings it back."""
+
+    def __init__(self, offloader: HostOffloader, host: torch.Tensor, device: torch.device):
+        self.offloader, self.host, self.device = offloader, host, device
+        self.on_device: torch.Tensor | None = None
+        self.ready: torch.cuda.Event | None = None
+
+    def start_fetch(self) -> None:
+        if self.on_device is not None:
+            return  # already prefetched
+        if self.device.type != "cuda":
+            self.on_device = self.host.clone()
+            return
+        main, side = torch.cuda.current_stream(self.device), self.offloader._side_stream(self.device)
+        self.on_device = torch.empty(self.host.shape, dtype=self.host.dtype, device=self.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            self.on_device.copy_(self.host, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record(side)
+
+    def fetch(self) -> torch.Tensor:
+        """The input back on its device, ready for use on the current stream; prefetches the previous one."""
+        self.start_fetch()
+        if self.ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(self.ready)
+        self.offloader.prefetch_before(self)
+        x, self.on_device = self.on_device, None
+        return x

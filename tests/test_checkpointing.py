@@ -1,0 +1,197 @@
+"""Activation checkpointing: loss and every gradient equal to the un-checkpointed model, in every mode.
+
+Oracle: the same tiny minilora model run with model.layer_runners = None (autograd keeps everything).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from conftest import report
+from minilora.checkpointing import HostOffloader, LayerCheckpoint, set_checkpointing
+from minilora.config import ModelConfig
+from minilora.models import build_model
+
+LLAMA = dict(model_type="llama", vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+GEMMA2 = dict(LLAMA, model_type="gemma2", head_dim=8, sliding_window=4, query_pre_attn_scalar=8,
+              attn_logit_softcapping=5.0, final_logit_softcapping=3.0)
+
+
+def tiny_model(cfg=LLAMA, seed=0):
+    torch.manual_seed(seed)
+    model = build_model(ModelConfig.from_hf(cfg)).float()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.1)
+    return model
+
+
+def batch(packed: bool, B=2, T=12, V=97):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, V, (B, T), generator=g)
+    pos = None
+    if packed:  # two documents in row 0, three in row 1
+        pos = torch.stack([torch.cat([torch.arange(7), torch.arange(5)]),
+                           torch.cat([torch.arange(3), torch.arange(4), torch.arange(5)])])
+    return ids, pos
+
+
+def loss_and_grads(model, modes, ids, pos):
+    set_checkpointing(model, modes)
+    model.zero_grad(set_to_none=True)
+    logits = model(ids, pos)  # [B, T, V]
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same(name, got, ref, tol=1e-6):
+    (loss, grads), (ref_loss, ref_grads) = got, ref
+    assert report(f"{name} loss", loss, ref_loss)[0] <= tol
+    assert grads.keys() == ref_grads.keys(), f"{name}: gradients for {set(grads) ^ set(ref_grads)} differ in presence"
+    worst = max((report(f"{name} grad {n}", grads[n], ref_grads[n])[0], n) for n in ref_grads)
+    assert worst[0] <= tol, f"{name}: {worst[1]} off by {worst[0]}"
+
+
+MODES = ["recompute", "offload", ["offload", "off", "recompute"], ["off", "offload", "offload"]]
+
+
+@pytest.mark.parametrize("cfg", [LLAMA, GEMMA2], ids=["llama", "gemma2"])
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
+def test_all_modes_give_the_same_gradients(cfg, packed):
+    model = tiny_model(cfg)
+    ids, pos = batch(packed)
+    ref = loss_and_grads(model, "off", ids, pos)
+    assert model.layer_runners is None
+    assert len(ref[1]) == len(list(model.parameters()))  # every parameter got a gradient
+    for modes in MODES:
+        assert_same(str(modes), loss_and_grads(model, modes, ids, pos), ref)
+
+
+def test_frozen_embeddings_still_train_the_layers():
+    """LoRA setting: x_0 comes from a frozen embedding and does not require grad; the layers' trainable
+    weights must get their gradients anyway (no enable_input_require_grads hack)."""
+    model = tiny_model()
+    for n, p in model.named_parameters():
+        p.requires_grad_("q_proj" in n or "down_proj" in n)
+    ids, pos = batch(False)
+    ref = loss_and_grads(model, "off", ids, pos)
+    assert len(ref[1]) == 2 * LLAMA["num_hidden_layers"]
+    for modes in MODES:
+        assert_same(f"frozen {modes}", loss_and_grads(model, modes, ids, pos), ref)
+
+
+def test_autograd_grad_sees_parameter_grads():
+    """Parameter grads are returned by the Function, not written to .grad behind autograd's back."""
+    model = tiny_model()
+    ids, _ = batch(False)
+    w = model.model.layers[1].mlp.up_proj.weight
+    grads = []
+    for modes in ("off", "recompute", "offload"):
+        set_checkpointing(model, modes)
+        grads.append(torch.autograd.grad(model(ids).square().sum(), w)[0])
+    report("autograd.grad recompute", grads[1], grads[0])
+    report("autograd.grad offload", grads[2], grads[0])
+    assert torch.allclose(grads[1], grads[0], rtol=0, atol=1e-6)
+    assert torch.allclose(grads[2], grads[0], rtol=0, atol=1e-6)
+
+
+class DropoutLayer(nn.Module):
+    """A stand-in layer that draws random numbers, as LoRA dropout does."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(16, 16)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x, inputs):
+        return x + self.drop(self.proj(x))
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["recompute", "offload"])
+def test_recompute_replays_the_same_dropout_mask(mode, device):
+    torch.manual_seed(0)
+    layers = [DropoutLayer().to(device) for _ in range(3)]
+    x0 = torch.randn(2, 5, 16, device=device)
+
+    def run(runner):
+        torch.manual_seed(123)
+        for layer in layers:
+            layer.zero_grad(set_to_none=True)
+        x = x0.clone().requires_grad_()
+        h = x
+        for layer in layers:
+            h = runner(layer, h, None) if runner else layer(h, None)
+        h.square().sum().backward()
+        after = torch.rand(1, device=device)  # the caller's RNG stream continues as if no recompute happened
+        return [x.grad] + [p.grad for layer in layers for p in layer.parameters()] + [after]
+
+    ref = run(None)
+    got = run(LayerCheckpoint(HostOffloader() if mode == "offload" else None))
+    for i, (a, b) in enumerate(zip(got, ref)):
+        assert report(f"{mode} dropout tensor {i}", a, b)[0] <= 1e-6
+
+
+def test_offload_pool_is_reused_and_survives_two_forwards():
+    model = tiny_model()
+    ids, pos = batch(True)
+    ref = loss_and_grads(model, "off", ids, pos)
+    set_checkpointing(model, "offload")
+    offloader = model.layer_runners[0].offloader
+    assert all(r.offloader is offloader for r in model.layer_runners)
+    for _ in range(3):  # several steps: the same host buffers every time
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(ids, pos)[:, :-1].reshape(-1, 97), ids[:, 1:].reshape(-1)).backward()
+    pool_ids = {id(b.data) for b in offloader.pool}
+    assert len(pool_ids) == LLAMA["num_hidden_layers"]
+
+    # two forwards before one backward: the second must not overwrite the first one's stashed inputs
+    model.zero_grad(set_to_none=True)
+    la = F.cross_entropy(model(ids, pos)[:, :-1].reshape(-1, 97), ids[:, 1:].reshape(-1))
+    lb = F.cross_entropy(model(ids, pos)[:, :-1].reshape(-1, 97), ids[:, 1:].reshape(-1))
+    ((la + lb) / 2).backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert_same("two forwards", (la.detach(), grads), ref)
+    assert len(offloader.pool) == 2 * LLAMA["num_hidden_layers"]
+    assert {id(b.data) for b in offloader.pool} >= pool_ids
+
+    # a graph dropped without backward gives its buffers back
+    model(ids, pos).sum()
+    model(ids, pos).sum()
+    assert len(offloader.pool) == 2 * LLAMA["num_hidden_layers"]
+
+
+def test_eval_under_no_grad_saves_nothing():
+    model = tiny_model()
+    ids, _ = batch(False)
+    with torch.no_grad():
+        ref = model(ids)
+        set_checkpointing(model, "offload")
+        out = model(ids)
+    assert model.layer_runners[0].offloader.pool == []
+    assert report("no_grad logits", out, ref)[0] == 0
+
+
+def test_bad_modes_are_named():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="unknown mode"):
+        set_checkpointing(model, "sometimes")
+    with pytest.raises(ValueError, match="2 modes for 3 decoder layers"):
+        set_checkpointing(model, ["off", "offload"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: side stream and pinned host memory")
+def test_cuda_offload_matches_off():
+    model = tiny_model().cuda()
+    ids, pos = (t.cuda() for t in batch(True))
+    ref = loss_and_grads(model, "off", ids, pos)
+    for modes in MODES:
+        assert_same(f"cuda {modes}", loss_and_grads(model, modes, ids, pos), ref, tol=1e-5)
+    assert all(b.data.is_pinned() for b in model.layer_runners[1].offloader.pool)
