@@ -7,7 +7,8 @@
 (a) Loss head: chunked_cross_entropy against F.cross_entropy(lm_head(h).float()) on Llama 3 8B's head
     (vocab 128256, hidden 4096), 8192 tokens, bf16; LM head frozen (QLoRA) and trainable; all tokens
     labelled, and half of them masked (prompt tokens, which the chunked loss skips).
-(b) Checkpoint modes off / recompute / offload on decoder layers of the 8B shape, one sequence of --tokens.
+(b) Checkpoint modes off / recompute / offload on decoder layers of the 8B shape in NF4 with LoRA r=16 on
+    the seven projections, one sequence of --tokens.
 
 "peak extra" = torch.cuda.max_memory_allocated() during one forward + backward, minus memory allocated
 before it (inputs, weights): what the step adds on top of the model. Time: mean of --repeats fwd+bwd after
@@ -15,15 +16,15 @@ one warm-up, CUDA-synchronised wall clock. Each case is checked against the plai
 and a table is printed last.
 """
 import argparse
+import dataclasses
 import time
 
 import torch
 import torch.nn.functional as F
 
+from bench import build_qlora_model, preset_config  # scripts/bench.py, beside this file
 from minilora.checkpointing import set_checkpointing
-from minilora.config import ModelConfig
 from minilora.loss import chunked_cross_entropy
-from minilora.models import build_model
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 # (a) loss head
@@ -107,40 +108,25 @@ def bench_loss() -> list[tuple]:
 
 
 # --- (b) checkpoint modes ----------------------------------------------------------------------------------
-LLAMA3_8B = dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                 num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5,
-                 max_position_embeddings=131072, rope_theta=500000.0)
-
-
 def model_8b_shape(n_layers: int):
-    """n_layers decoder layers of Llama 3 8B in bf16, base weights frozen, something trainable in every layer.
-
-    TODO(nf4/lora): once minilora.nf4 and minilora.lora both import, this should be the real QLoRA setup:
-    base linears stored in NF4 (replace_linears_for_4bit + the loader's set_base_nf4, or quantize in place)
-    and inject_lora(r=16, all-linear). Until then: LoRA on a bf16 base when minilora.lora imports, else a
-    stand-in where only the RMSNorm weights train (gradients still flow through every op of every layer,
-    so activation memory, which is what checkpointing changes, is the same; only the small LoRA matmuls and
-    the NF4 dequantisation are missing from the times)."""
-    with torch.device(dev):
-        torch.manual_seed(0)
-        model = build_model(ModelConfig.from_hf(dict(LLAMA3_8B, num_hidden_layers=n_layers))).to(dtype)
-    for p_ in model.parameters():
-        p_.data.normal_(0.0, 0.02)
-    try:
-        from minilora.lora import inject_lora
-        inject_lora(model, r=16, lora_alpha=16, target_modules="all-linear")
-        what = "bf16 base + LoRA r=16 all-linear (TODO: NF4 base)"
-    except ImportError as e:
+    """n_layers decoder layers of Llama 3.1 8B as QLoRA trains them: the seven projections in NF4 (double
+    quantization), LoRA r=16 alpha=16 on them, everything else frozen bf16 (scripts/bench.py builds it).
+    lora_B gets small random values instead of zeros, so every LoRA gradient is non-zero and the modes can be
+    compared on all of them (with B = 0 the A gradients are exactly zero)."""
+    config = preset_config("llama-3.1-8b")
+    config = dataclasses.replace(config, num_hidden_layers=n_layers, layer_types=config.layer_types[:n_layers])
+    model = build_qlora_model(config, dev, dtype, r=16, lora_alpha=16)
+    with torch.no_grad():
         for n, p_ in model.named_parameters():
-            p_.requires_grad_(n.endswith("layernorm.weight"))
-        what = f"bf16 base, trainable norms only (stand-in: {e})"
-    return model, what
+            if "lora_B" in n:
+                p_.normal_(0.0, 0.01)
+    return model, "NF4 base + LoRA r=16 on q/k/v/o/gate/up/down"
 
 
 def bench_checkpointing() -> list[tuple]:
     model, what = model_8b_shape(args.layers)
-    print(f"(b) model: {args.layers} layers of Llama 3 8B, {what}", flush=True)
-    ids = torch.randint(0, LLAMA3_8B["vocab_size"], (1, args.tokens), device=dev)
+    print(f"(b) model: {args.layers} layers of Llama 3.1 8B, {what}", flush=True)
+    ids = torch.randint(0, model.config.vocab_size, (1, args.tokens), device=dev)
     labels = torch.roll(ids, -1, 1)
     ref, rows = None, []
     for mode in ("off", "recompute", "offload"):

@@ -1,0 +1,328 @@
+"""Automatic activation checkpointing: given a GPU memory budget, keep as many decoder layers' activations on
+the GPU as fit and checkpoint (with offload) only the rest.
+
+Unsloth makes its user pick one mode for the whole model: checkpoint everything and offload (lean, slower) or
+nothing (fast, 3-4x the memory). Between the two there is a whole curve, one layer at a time. This file
+predicts the peak memory of a training step for any per-layer choice of `minilora.checkpointing` modes and
+picks the fastest choice that fits; the caller applies it with `set_checkpointing(model, plan.modes)`.
+
+The memory model of one step (bytes; layers i = 0..n-1 in forward order):
+
+    fixed            weights (NF4 + 16-bit embeddings, norms, head), LoRA weights, their grads, AdamW state
+    kept_i           what layer i holds from its forward until its backward:
+                       off: its activations        recompute: its input x_i [B, T, H]      offload: nothing
+    forward peak     max_i  Σ_{j<i} kept_j + fwd_i        fwd_i: layer i's own peak while it runs (input, output,
+                                                          temporaries, what it keeps)
+    loss-head peak   Σ_j kept_j + head                    final norm + chunked cross-entropy with its gradient
+    backward peak    max_i  Σ_{j≤i} kept_j + dy + bwd_i   bwd_i: what layer i's backward adds: the recomputed
+                                                          activations when checkpointed, gradient temporaries
+    peak = fixed + max(forward peak, loss-head peak, backward peak)
+
+The per-layer numbers come from a dry forward + backward of one real layer per layer type, in each mode, read
+off `torch.cuda.max_memory_allocated` (`measure_layer_costs`): exact for this model, batch, sequence length,
+attention kernel and torch version, where a formula would drift with each of them. `estimate_layer_costs` is
+the formula, for CPU runs and tests (it counts what autograd saves in minilora's layers; a test checks it
+against `saved_tensors_hooks`).
+
+The policy, in layer order:   [offload × a] [recompute × b] [off × c]
+    1. c as large as fits: an off layer skips its recompute (about a quarter of its step time).
+    2. then b as large as fits: recompute keeps x_i on the GPU, so no PCIe traffic at all.
+    3. offload the rest, the earliest layers: their backward comes last, so while it waits the whole later
+       backward runs and each prefetch has time to land; and their inputs leave first in forward.
+Off layers sit at the end because their backward comes first: their activations are freed before any
+recompute starts, so the recomputed layer never coexists with them (one layer less at the peak).
+Each step stops at the first layer that does not fit, so a larger budget never gives fewer off layers.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass
+
+import torch
+
+from minilora.checkpointing import MODES, HostOffloader, LayerCheckpoint
+from minilora.config import ModelConfig
+
+GiB = 2**30
+INFEASIBLE = 1 << 62  # cost of a mode that did not even run in the dry measurement (out of memory)
+
+
+class MemoryBudgetError(ValueError):
+    pass
+
+
+def fmt_bytes(n: int) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB // 10 else f"{n / 2**20:.1f} MiB"
+
+
+@dataclass(frozen=True)
+class ModeCost:
+    """Bytes one decoder layer costs in one checkpointing mode (see the module docstring for where each counts)."""
+
+    kept: int  # held from the layer's forward until its backward
+    forward: int  # peak on top of the earlier layers' kept bytes while its forward runs
+    backward: int  # peak on top of kept (its own and earlier layers') + dy while its backward runs
+
+
+LayerCosts = dict  # mode -> ModeCost, for one layer
+
+
+@dataclass
+class Plan:
+    modes: list[str]  # one per decoder layer, for minilora.checkpointing.set_checkpointing
+    peak: int  # predicted peak allocated bytes of a training step
+    budget: int
+    fixed: int
+    head: int
+    lean: int  # predicted peak with every layer offloaded: the least this batch can train in
+    full: int  # predicted peak with no checkpointing at all
+    ce_chunk_size: int | None = None  # rows per chunk of the loss head that the prediction assumed
+
+    def counts(self) -> str:
+        return " ".join(f"{m}x{self.modes.count(m)}" for m in MODES if m in self.modes)
+
+    def __str__(self) -> str:
+        return (f"{self.counts()}: predicted peak {fmt_bytes(self.peak)} of {fmt_bytes(self.budget)} (all offloaded "
+                f"{fmt_bytes(self.lean)}, none checkpointed {fmt_bytes(self.full)}; fixed {fmt_bytes(self.fixed)}, "
+                f"loss head {fmt_bytes(self.head)})")
+
+
+# --- the selection, pure arithmetic ------------------------------------------------------------------------
+
+def predict_peak(modes: list[str], costs: list[LayerCosts], fixed: int, head: int, dy: int) -> int:
+    """Peak allocated bytes of one step with these per-layer modes (formula in the module docstring)."""
+    before = [0, *itertools.accumulate(costs[i][m].kept for i, m in enumerate(modes))]  # Σ_{j<i} kept_j
+    fwd = max(before[i] + costs[i][m].forward for i, m in enumerate(modes))
+    bwd = max(before[i + 1] + dy + costs[i][m].backward for i, m in enumerate(modes))
+    return fixed + max(fwd, before[-1] + head, bwd)
+
+
+def plan_checkpointing(costs: list[LayerCosts], fixed: int, head: int, dy: int, budget: int,
+                       reserve: int = 0) -> Plan:
+    """The per-layer modes with the most off layers, then the most recompute layers, whose predicted peak
+    fits `budget - reserve`; layout [offload...][recompute...][off...]. Raises MemoryBudgetError if none does."""
+    n, limit = len(costs), budget - reserve
+
+    def peak(modes):
+        return predict_peak(modes, costs, fixed, head, dy)
+
+    modes = ["offload"] * n
+    lean, full = peak(modes), peak(["off"] * n)
+    if lean > limit:
+        layer = max(dy + c["offload"].backward for c in costs)
+        raise MemoryBudgetError(
+            f"memory budget {fmt_bytes(budget)} is too small: even with every layer checkpointed and offloaded a "
+            f"step needs ~{fmt_bytes(lean)} (weights, LoRA and optimizer {fmt_bytes(fixed)}, loss head "
+            f"{fmt_bytes(head)}, one layer's backward {fmt_bytes(layer)}), plus {fmt_bytes(reserve)} kept in "
+            f"reserve. Lower batch_size x seq_len, or raise the budget (--max_memory_gb)")
+    for new in ("off", "recompute"):  # off layers first (from the end), then recompute below them
+        for i in reversed(range(n)):
+            if modes[i] != "offload":
+                continue
+            trial = modes[:i] + [new] + modes[i + 1:]
+            if peak(trial) > limit:
+                break
+            modes = trial
+    return Plan(modes, peak(modes), budget, fixed, head, lean, full)
+
+
+# --- the formula: what autograd keeps in minilora's layers ---------------------------------------------------
+
+def estimate_layer_costs(config: ModelConfig, batch: int, seq: int, dtype_bytes: int = 2,
+                         r: int = 16) -> list[LayerCosts]:
+    """Per-layer costs from a count of the tensors minilora's decoder layer saves for backward (bf16: b = 2,
+    N = batch·seq tokens):
+
+        each RMSNorm       fp32 copy of its input, fp32 rstd; its bf16 output where the next op saves it
+                           (the projections after input/pre-MLP norms do; the residual add after Gemma's
+                           post-sublayer norms and RoPE after qk_norm multiply by constants and do not)
+        LoRA (7 modules)   xa = x Aᵀ [N, r] each; their inputs are the norms' outputs, counted there
+        attention (SDPA)   q, k, v after RoPE, the output (o_proj's input is a view of it), fp32 logsumexp;
+                           RoPE multiplies by constant cos/sin, so nothing more of q or k is kept
+        soft-capped        (Gemma 2: explicit scores) q, GQA-repeated k and v, o_proj's input copy, and per
+                           score the tanh output (b), fp32 softmax (4), bf16 probabilities (b); a bool mask
+        qk_norm            an RMSNorm over head_dim on q and one on k
+        gated MLP          gate output, act(gate), up output, their product (down's input): 4 [N, I]
+    Transients (forward and backward peaks) are rougher: the largest dequantized weight, three [N, I]."""
+    c, b = config, dtype_bytes
+    N, H, I, D = batch * seq, c.hidden_size, c.intermediate_size, c.head_dim
+    nh, nkv = c.num_attention_heads, c.num_key_value_heads
+    x = b * N * H  # one [B, T, H] activation: a layer's input, output, or their gradients
+
+    def norm(rows, width, output_saved):
+        return (4 + (b if output_saved else 0)) * rows * width + 4 * rows
+
+    acts = 2 * norm(N, H, True) + 7 * b * N * r + 4 * b * N * I
+    if c.sandwich_norm:
+        acts += 2 * norm(N, H, False)
+    if c.attn_logit_softcapping is None:
+        acts += b * N * D * (2 * nh + 2 * nkv) + 4 * N * nh
+    else:
+        acts += 4 * b * N * nh * D + (2 * b + 4) * batch * nh * seq * seq + seq * seq  # q, k, v, o_proj input
+    if c.qk_norm:
+        acts += norm(N * nh, D, False) + norm(N * nkv, D, False)
+    weight = b * max(I, nh * D) * H  # the largest dequantized weight, a temporary in forward and backward
+    mlp = 3 * b * N * I  # gate, up and their product alive at once: no-grad MLP forward, MLP backward
+    costs = {
+        "off": ModeCost(kept=acts, forward=x + acts + x + weight, backward=mlp + weight + x),
+        "recompute": ModeCost(kept=x, forward=x + x + mlp + weight, backward=acts + mlp + weight + x),
+        # backward: the fetched input, the previous layer's input arriving meanwhile, then as recompute
+        "offload": ModeCost(kept=0, forward=x + x + mlp + weight, backward=2 * x + acts + mlp + weight + x),
+    }
+    return [costs] * c.num_hidden_layers
+
+
+def estimate_head_bytes(config: ModelConfig, batch: int, seq: int, chunk_rows: int, dtype_bytes: int = 2) -> int:
+    """The loss head at the end of forward: the last layer's output, the final norm's saved tensors, the
+    labelled rows' copy and gradient [N, H], and one chunk's logits (bf16 product, fp32 copy, fp32 gradient)."""
+    b, N, H, V = dtype_bytes, batch * seq, config.hidden_size, config.vocab_size
+    return b * N * H + (4 + b) * N * H + 4 * N + 2 * b * N * H + min(chunk_rows, N) * V * (b + 4 + 4)
+
+
+# --- measuring one real layer ------------------------------------------------------------------------------
+
+def measure_layer_costs(model, batch: int, seq: int) -> list[LayerCosts]:
+    """Costs from a dry forward + backward of the first layer of each layer type, in each mode, on random
+    inputs on the model's CUDA device. A mode that runs out of memory here is marked infeasible. Offloaded
+    layers get one more input's bytes in backward: the previous layer's input, prefetched meanwhile."""
+    from minilora.models.common import AttentionInputs
+
+    config, layers = model.config, model.model.layers
+    device = model.lm_head.weight.device
+    dtype = model.model.embed_tokens.weight.dtype
+    ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
+    inputs = AttentionInputs(config, ids, None, None, dtype)
+    by_type = {}
+    for lt in dict.fromkeys(config.layer_types):
+        layer = layers[config.layer_types.index(lt)]
+        try:  # first use allocates for good (cuBLAS workspace): not a cost of the first mode measured
+            with torch.no_grad():
+                layer(torch.zeros(batch, seq, config.hidden_size, device=device, dtype=dtype), inputs)
+        except torch.OutOfMemoryError:
+            pass  # the modes' own dry runs will say which ones fit
+        by_type[lt] = {m: _measure_mode(layer, m, inputs, (batch, seq, config.hidden_size), dtype, device)
+                       for m in MODES}
+        x = batch * seq * config.hidden_size * torch.finfo(dtype).bits // 8
+        off = by_type[lt]["offload"]
+        by_type[lt]["offload"] = ModeCost(off.kept, off.forward, off.backward + x)
+    model.zero_grad(set_to_none=True)
+    torch.cuda.empty_cache()
+    return [by_type[lt] for lt in config.layer_types]
+
+
+def _measure_mode(layer, mode: str, inputs, shape, dtype, device) -> ModeCost:
+    run = {"off": None, "recompute": LayerCheckpoint(), "offload": LayerCheckpoint(HostOffloader())}[mode]
+    torch.cuda.synchronize(device)
+    try:
+        x_prev = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
+        x = x_prev * 1.0  # [B, T, H], not a leaf: only the layer can keep it alive once we drop it
+        nx = x.numel() * x.element_size()
+        base = torch.cuda.memory_allocated(device) - nx
+        torch.cuda.reset_peak_memory_stats(device)
+        y = layer(x, inputs) if run is None else run(layer, x, inputs)
+        del x
+        torch.cuda.synchronize(device)
+        forward = torch.cuda.max_memory_allocated(device) - base
+        kept = torch.cuda.memory_allocated(device) - base - y.numel() * y.element_size()
+        dy = torch.randn_like(y)
+        start = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        y.backward(dy)
+        torch.cuda.synchronize(device)
+        backward = torch.cuda.max_memory_allocated(device) - start
+    except torch.OutOfMemoryError:
+        return ModeCost(INFEASIBLE, INFEASIBLE, INFEASIBLE)
+    finally:
+        x_prev = x = y = dy = None  # noqa: F841 - drop everything the dry run made
+        layer.zero_grad(set_to_none=True)
+    return ModeCost(max(kept, 0), forward, backward)
+
+
+def measure_head_bytes(model, batch: int, seq: int, chunk_size: int | None) -> int:
+    """Peak bytes of the final norm + chunked cross-entropy + its backward, on a random last-layer output."""
+    from minilora.loss import chunked_cross_entropy
+
+    device = model.lm_head.weight.device
+    dtype = model.model.embed_tokens.weight.dtype
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    try:
+        h = torch.randn(batch, seq, model.config.hidden_size, device=device, dtype=dtype, requires_grad=True)
+        labels = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
+        loss = chunked_cross_entropy(model.model.norm(h), model.lm_head.weight, labels,
+                                     softcap=model.config.final_logit_softcapping, chunk_size=chunk_size)
+        loss.backward()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    except torch.OutOfMemoryError:
+        return INFEASIBLE
+    finally:
+        h = labels = loss = None  # noqa: F841
+        model.zero_grad(set_to_none=True)
+
+
+# --- putting it together ------------------------------------------------------------------------------------
+
+def default_budget(device: torch.device) -> int:
+    """What this process could hold at its peak: CUDA's free memory plus what the caching allocator already
+    holds, less 8% for fragmentation (reserved memory runs a few percent above allocated); on CPU, available RAM."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int((free + torch.cuda.memory_reserved(device)) * 0.92)
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def model_bytes(model) -> int:
+    """Bytes of parameters, buffers and NF4 weights (which are neither), each storage once."""
+    seen, total = set(), 0
+    tensors = [*model.parameters(), *model.buffers()]
+    for m in model.modules():
+        q = getattr(m, "nf4", None)
+        if q is not None:
+            tensors += [q.packed, q.absmax, q.nested_absmax, q.offset, q.quant_map, q.nested_quant_map]
+    for t in tensors:
+        if t.device.type != "meta" and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def auto_checkpointing(model, batch: int, seq: int, budget: int | None = None, reserve: int | None = None,
+                       chunk_sizes: list[int | None] | None = None) -> Plan:
+    """The plan for this model at batch × seq within `budget` bytes of peak allocated memory (default: what the
+    device has free). Call after LoRA is injected and before the optimizer exists; AdamW's two fp32 states and
+    the gradients of the trainable parameters are added here. CUDA: measured costs; elsewhere: the formula.
+
+    `reserve` (default 128 MiB + 2% of the budget) is kept back for what the model does not see (cuBLAS
+    workspaces, allocator rounding). The loss head's chunk size is chosen too: the largest of `chunk_sizes`
+    (default: the loss's own default, then 1/4 and 1/16 of it) with which a plan fits."""
+    from minilora.loss import default_chunk_size
+
+    device = model.lm_head.weight.device
+    cuda = device.type == "cuda"
+    budget = default_budget(device) if budget is None else int(budget)
+    reserve = int(128 * 2**20 + 0.02 * budget) if reserve is None else int(reserve)
+    dtype = model.model.embed_tokens.weight.dtype
+    dy = batch * seq * model.config.hidden_size * torch.finfo(dtype).bits // 8
+    r = max((getattr(m, "r", 0) for m in model.modules()), default=0)
+    costs = (measure_layer_costs(model, batch, seq) if cuda else
+             estimate_layer_costs(model.config, batch, seq, torch.finfo(dtype).bits // 8, r))
+    # after the dry runs: what they allocated for good (cuBLAS workspaces) is part of the fixed bytes now
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    fixed = (torch.cuda.memory_allocated(device) if cuda else model_bytes(model)) + 3 * trainable
+    rows = default_chunk_size(batch * seq, model.config.vocab_size, device)
+    error = None
+    for chunk in chunk_sizes or [rows, max(1, rows // 4), max(1, rows // 16)]:
+        chunk = chunk or rows
+        head = (measure_head_bytes(model, batch, seq, chunk) if cuda else
+                estimate_head_bytes(model.config, batch, seq, chunk, torch.finfo(dtype).bits // 8))
+        try:
+            plan = plan_checkpointing(costs, fixed, head, dy, budget, reserve)
+        except MemoryBudgetError as e:
+            error = e
+            continue
+        plan.ce_chunk_size = chunk
+        return plan
+    raise error

@@ -1,0 +1,271 @@
+"""QLoRA training speed, memory and MFU of minilora on a randomly initialised model of a real shape.
+
+    python scripts/bench.py --preset llama-3.1-8b --batch_size 2 --seq_len 2048            # --gc auto (default)
+    python scripts/bench.py --preset llama-3.1-8b --gc auto --max_memory_gb 7              # a memory budget
+    python scripts/bench.py --preset llama-3.2-1b --gc off                                 # off|recompute|offload
+    python scripts/bench.py --preset tiny --device cpu --warmup 1 --steps 2                # code paths on CPU
+
+No checkpoint on disk: the model is built on the meta device, then every projection gets a random bf16 weight
+made on the GPU and quantized there (`LoRALinear.set_base_weight(w, quantize=True)`: NF4 with double
+quantization), everything else a random bf16 tensor; LoRA r=16, alpha=16 on the seven q/k/v/o/gate/up/down
+projections. The workload is `../shared/bench/peers_gpu.py`'s, so the numbers sit beside Unsloth's and HF's:
+random tokens of batch_size x seq_len, labels = the inputs shifted by one (labels[t] = input[t+1], the last
+-100; minilora.dataset's convention, what HF does inside the model when given labels = inputs), `--warmup`
+untimed steps then `--steps` timed ones, AdamW. The peers use bitsandbytes' 8-bit AdamW and we use torch's fused
+AdamW: with only the LoRA weights trainable (42M for the 8B shape) the optimizer state is 0.3 GB in fp32
+against 0.08 GB in 8 bits, and its step is noise next to the forward and backward.
+
+Output: one line `RESULT {json}` with peers_gpu.py's keys (step_s = median of the timed steps, tok_s,
+peak_alloc_gb and peak_reserved_gb in GiB like theirs, first_loss, last_loss, load_s, trainable) plus mfu.
+
+FLOP model of one step (`train_flops`), N = batch x seq tokens, P = matmul weights of the decoder layers plus
+the LM head, P_layer one layer's, P_lora the adapters':
+    forward 2NP + input gradient 2NP (the frozen weights get no weight gradient)
+    + recompute 2N P_layer for each checkpointed layer
+    + adapters 2N P_lora x (3: forward, input and weight gradients; +1 when recomputed)
+    + attention 4 B nh D x (causal query-key pairs) per layer forward, x3 with backward, +1 when recomputed
+MFU = FLOPs / step_s / peak. Peak: `--peak_tflops`, default 989 (H100 SXM, dense bf16). Recompute is counted
+as work done, so checkpointed runs score a little higher than their tokens/s alone would say.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+
+from minilora.checkpointing import set_checkpointing
+from minilora.config import ModelConfig
+from minilora.lora import DEFAULT_TARGETS, LoRALinear, inject_lora, lora_parameters, replace_linears_for_4bit
+from minilora.loss import chunked_cross_entropy
+from minilora.memory_policy import GiB, auto_checkpointing
+from minilora.models import build_model
+
+# Shapes from each model's Hugging Face config.json (weights are random; only the shape matters here).
+PRESETS = {
+    # meta-llama/Llama-3.2-1B/config.json
+    "llama-3.2-1b": dict(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                         num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                         max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
+                         rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0,
+                                           high_freq_factor=4.0, original_max_position_embeddings=8192),
+                         tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128001),
+    # meta-llama/Llama-3.1-8B/config.json
+    "llama-3.1-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                         max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
+                         rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                           high_freq_factor=4.0, original_max_position_embeddings=8192),
+                         tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001),
+    # Qwen/Qwen2.5-7B/config.json (use_sliding_window false: full attention in every layer)
+    "qwen2.5-7b": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                       num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                       max_position_embeddings=131072, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                       sliding_window=131072, use_sliding_window=False, max_window_layers=28,
+                       tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151643),
+    # google/gemma-2-9b/config.json
+    "gemma-2-9b": dict(model_type="gemma2", vocab_size=256000, hidden_size=3584, intermediate_size=14336,
+                       num_hidden_layers=42, num_attention_heads=16, num_key_value_heads=8, head_dim=256,
+                       max_position_embeddings=8192, rms_norm_eps=1e-6, rope_theta=10000.0,
+                       hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=256,
+                       attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=4096,
+                       bos_token_id=2, eos_token_id=1, pad_token_id=0),
+    # mistralai/Mistral-7B-v0.3/config.json
+    "mistral-7b": dict(model_type="mistral", vocab_size=32768, hidden_size=4096, intermediate_size=14336,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                       max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=1000000.0,
+                       sliding_window=None, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2),
+    # for running the code paths on CPU
+    "tiny": dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5),
+    "tiny-gemma2": dict(model_type="gemma2", vocab_size=512, hidden_size=64, intermediate_size=128,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                        max_position_embeddings=512, query_pre_attn_scalar=16, sliding_window=32),
+}
+ALIASES = {"1b": "llama-3.2-1b", "8b": "llama-3.1-8b"}  # peers_gpu.py's --size names
+
+
+def preset_config(name: str) -> ModelConfig:
+    name = ALIASES.get(name, name)
+    if name not in PRESETS:
+        raise SystemExit(f"--preset {name!r}: unknown; choose from {sorted(PRESETS)} or {sorted(ALIASES)}")
+    return ModelConfig.from_hf(PRESETS[name])
+
+
+# --- the model ------------------------------------------------------------------------------------------------
+
+def build_qlora_model(config: ModelConfig, device, dtype=torch.bfloat16, r: int = 16, lora_alpha: float = 16,
+                      quantize: bool = True, seed: int = 0) -> nn.Module:
+    """A random-weight model of `config` on `device`: projections in NF4 (or `dtype` with quantize=False),
+    the rest in `dtype`, LoRA on the seven projections. Each weight is made on the device and, for the
+    projections, quantized there and dropped, so the GPU never holds more than one 16-bit projection extra."""
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = build_model(config)
+    replace_linears_for_4bit(model, list(DEFAULT_TARGETS))  # r = 0 LoRALinear placeholders, weights on meta
+    g = torch.Generator(device).manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            w = torch.randn(module.out_features, module.in_features, device=device, dtype=dtype, generator=g)
+            module.set_base_weight(w.mul_(0.02), quantize=quantize)
+    for name, p in list(model.named_parameters()):  # embeddings, norms, biases, an untied LM head
+        if not p.is_meta:
+            continue
+        module_name, _, leaf = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if leaf == "weight" and p.dim() == 1:  # RMSNorm: y = x̂ (offset + w); Gemma stores w - 1
+            t = torch.full(p.shape, 0.0 if config.norm_offset else 1.0, device=device, dtype=dtype)
+        else:
+            t = torch.randn(p.shape, device=device, dtype=dtype, generator=g).mul_(0.02)
+        module._parameters[leaf] = nn.Parameter(t, requires_grad=False)
+    model.tie_weights()
+    inject_lora(model, r=r, lora_alpha=lora_alpha, target_modules=DEFAULT_TARGETS, seed=seed)
+    return model.train()
+
+
+# --- FLOPs ----------------------------------------------------------------------------------------------------
+
+def causal_pairs(seq: int, window: int | None) -> int:
+    """Query-key pairs a causal (sliding-window) attention scores: Σ_t min(t + 1, window)."""
+    if window is None or window >= seq:
+        return seq * (seq + 1) // 2
+    return window * (window + 1) // 2 + (seq - window) * window
+
+
+def train_flops(config: ModelConfig, batch: int, seq: int, modes: list[str], r: int = 16) -> float:
+    """FLOPs of one training step under the model in the module docstring; modes: one per decoder layer."""
+    c = config
+    H, I, D, V = c.hidden_size, c.intermediate_size, c.head_dim, c.vocab_size
+    nh, nkv, L = c.num_attention_heads, c.num_key_value_heads, c.num_hidden_layers
+    p_layer = H * nh * D + 2 * H * nkv * D + nh * D * H + 3 * H * I  # q, k, v, o, gate, up, down
+    p_lora = r * (2 * (H + nh * D) + 2 * (H + nkv * D) + 3 * (H + I))  # A [r, in] and B [out, r] of each
+    tokens = batch * seq
+    n_ckpt = sum(m != "off" for m in modes)
+    flops = 2 * tokens * (2 * (L * p_layer + H * V) + n_ckpt * p_layer)
+    flops += 2 * tokens * p_lora * (3 * L + n_ckpt)
+    for layer_type, mode in zip(c.layer_types, modes):
+        window = c.sliding_window if layer_type == "sliding_attention" else None
+        fwd = 4 * batch * nh * D * causal_pairs(seq, window)  # Q Kᵀ and P V
+        flops += fwd * (3 + (mode != "off"))
+    return float(flops)
+
+
+# --- the loop -------------------------------------------------------------------------------------------------
+
+def random_batches(vocab: int, batch: int, seq: int, n: int, seed: int = 0):
+    """n (input_ids, labels) pairs on the CPU; labels[t] = input_ids[t + 1], the last position -100."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(3, vocab, (batch, seq), generator=g)
+        labels = torch.full_like(ids, -100)
+        labels[:, :-1] = ids[:, 1:]
+        out.append((ids, labels))
+    return out
+
+
+def sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run(args) -> dict:
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    config = preset_config(args.preset)
+    cuda = device.type == "cuda"
+    t = time.perf_counter()
+    model = build_qlora_model(config, device, dtype, args.r, args.lora_alpha)
+    sync(device)
+    load_s = time.perf_counter() - t
+    params = lora_parameters(model)
+    print(f"built {args.preset} on {device} in {load_s:.1f}s; {sum(p.numel() for p in params):,} LoRA parameters",
+          flush=True)
+
+    out = {}
+    chunk = args.ce_chunk
+    if args.gc == "auto":
+        budget = None if args.max_memory_gb is None else int(args.max_memory_gb * GiB)
+        plan = auto_checkpointing(model, args.batch_size, args.seq_len, budget)
+        print(f"auto checkpointing: {plan}", flush=True)
+        modes, chunk = plan.modes, chunk or plan.ce_chunk_size
+        out.update(budget_gb=plan.budget / GiB, predicted_peak_gb=plan.peak / GiB)
+    else:
+        modes = [args.gc] * config.num_hidden_layers
+        if args.max_memory_gb is not None:
+            print(f"note: --max_memory_gb applies to --gc auto only; --gc {args.gc} ignores it", flush=True)
+    set_checkpointing(model, modes)
+    opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.01, fused=cuda)
+
+    data = random_batches(config.vocab_size, args.batch_size, args.seq_len, args.warmup + args.steps)
+    if cuda:
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    times, losses = [], []
+    for ids, labels in data:
+        ids, labels = ids.to(device), labels.to(device)
+        sync(device)
+        t = time.perf_counter()
+        hidden = model.hidden_states(ids)  # [B, T, H]
+        loss = chunked_cross_entropy(hidden, model.lm_head.weight, labels, chunk_size=chunk,
+                                     softcap=config.final_logit_softcapping) / (labels != -100).sum()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync(device)
+        times.append(time.perf_counter() - t)
+        losses.append(loss.item())
+
+    step = statistics.median(times[args.warmup:])
+    flops = train_flops(config, args.batch_size, args.seq_len, modes, args.r)
+    out.update(
+        step_s=step, tok_s=args.batch_size * args.seq_len / step,
+        peak_alloc_gb=torch.cuda.max_memory_allocated(device) / GiB if cuda else None,
+        peak_reserved_gb=torch.cuda.max_memory_reserved(device) / GiB if cuda else None,
+        first_loss=losses[0], last_loss=losses[-1], load_s=load_s, trainable=sum(p.numel() for p in params),
+        mfu=flops / step / (args.peak_tflops * 1e12), tflops=flops / step / 1e12, flops_per_step=flops,
+        modes=" ".join(f"{m}x{modes.count(m)}" for m in ("off", "recompute", "offload") if m in modes),
+        ce_chunk=chunk, device=torch.cuda.get_device_name(device) if cuda else "cpu", torch=torch.__version__,
+    )
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # model
+    p.add_argument("--preset", default="llama-3.2-1b", help=f"one of {sorted(PRESETS)} or {sorted(ALIASES)}")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--r", type=int, default=16)
+    p.add_argument("--lora_alpha", type=float, default=16)
+    # workload
+    p.add_argument("--batch_size", type=int, default=2)
+    p.add_argument("--seq_len", type=int, default=2048)
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--steps", type=int, default=5, help="timed steps; step_s is their median")
+    # memory
+    p.add_argument("--gc", default="auto", choices=["off", "recompute", "offload", "auto"],
+                   help="activation checkpointing of every layer, or auto: per layer within --max_memory_gb")
+    p.add_argument("--max_memory_gb", type=float, default=None,
+                   help="--gc auto: peak allocated GiB (2^30 bytes, as peak_alloc_gb) to stay under "
+                        "(default: what the GPU has free)")
+    p.add_argument("--ce_chunk", type=int, default=None, help="rows per loss-head chunk (default: the loss's)")
+    # report
+    p.add_argument("--peak_tflops", type=float, default=989.0, help="dense bf16 peak for MFU (H100 SXM: 989)")
+    args = p.parse_args()
+
+    res = dict(framework="minilora", preset=args.preset, bs=args.batch_size, seq=args.seq_len, r=args.r,
+               gc=args.gc, max_memory_gb=args.max_memory_gb)
+    try:
+        res.update(run(args), ok=True)
+    except Exception as e:  # report, never hide: one RESULT line per run, as peers_gpu.py does
+        import traceback
+        traceback.print_exc()
+        res.update(ok=False, error=f"{type(e).__name__}: {e}"[:400])
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+if __name__ == "__main__":
+    main()

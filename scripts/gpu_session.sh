@@ -1,0 +1,224 @@
+#!/usr/bin/env bash
+# The GPU figures of issues 3, 4 and 6, one device call per part (each part stops itself before 10 minutes).
+#
+#   bash scripts/gpu_session.sh part1   # issue 3 dequant bandwidth; the 1B rows of issue 6, minilora and Unsloth
+#                                       # side by side; issue 4 memory tables (chunked CE, checkpoint modes);
+#                                       # issue 3's 8B 4-bit load footprint
+#   bash scripts/gpu_session.sh part2   # the 8B rows of issue 6, minilora and Unsloth side by side
+#   bash scripts/gpu_session.sh part3   # the 8B rows under a budget (6.8 GB, 14 GB at 32k) and the budget curve
+#                                       # (7/10/14/20 GB); HF+PEFT rows; offload alone; the other presets
+#   bash scripts/gpu_session.sh part4   # long context: 8B at batch 1 x 65536 / 131072 tokens
+#   bash scripts/gpu_session.sh part0   # CPU self-test of this script (tiny model, no peers), any machine
+#   bash scripts/gpu_session.sh run NAME...   # only these jobs (e.g. the ones a part skipped for time)
+#   bash scripts/gpu_session.sh list          # every job, its part, expected seconds and command
+#   bash scripts/gpu_session.sh summary DIR   # the table again, from a part's logs
+# From the device tool: run(command="bash scripts/gpu_session.sh part1", carry=[".peers"]).
+#
+# Each job is its own process (peak memory is per job) under `timeout` (a hang costs only its cap). A job whose
+# expected time no longer fits before the deadline (DEADLINE_S after the start, default 560) is skipped and
+# listed, so the next call can `run` it. Logs: $OUT/<part>/<job>.log, jobs.tsv (name, exit code, seconds,
+# command) and summary.txt, the table printed last. RESULT lines follow ../shared/bench/peers_gpu.py.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PART=${1:-}
+[ -n "$PART" ] || { awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0"; exit 2; }
+shift
+OUT=${OUT:-/tmp/minilora_gpu}
+START=$(date +%s)
+DEADLINE=$((START + ${DEADLINE_S:-560}))
+W="--warmup 3 --steps 5"   # the same warm-up and timed steps for every framework
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
+       UNSLOTH_DISABLE_STATISTICS=1 TOKENIZERS_PARALLELISM=false W
+
+# --- the jobs: part name expected_s cap_s command ------------------------------------------------------------
+B="python3 scripts/bench.py"
+jobs() {
+cat <<EOF
+part0 selftest_auto    20  90 $B --preset tiny --device cpu --seq_len 256 --warmup 1 --steps 2 --gc auto
+part0 selftest_budget  20  90 $B --preset tiny --device cpu --seq_len 256 --warmup 1 --steps 2 --gc auto --max_memory_gb 0.0001
+part0 selftest_skip  9999  90 echo never runs: expected time beyond the deadline
+part1 dequant          40 180 python3 scripts/bench_dequant.py
+part1 m_1b_bs2         30 180 $B --preset llama-3.2-1b --batch_size 2 --seq_len 2048 --gc auto $W
+part1 m_1b_bs8         35 180 $B --preset llama-3.2-1b --batch_size 8 --seq_len 2048 --gc auto $W
+part1 m_1b_bs2_offload 30 180 $B --preset llama-3.2-1b --batch_size 2 --seq_len 2048 --gc offload $W
+part1 p_1b_make        30 240 peer_make 1b
+part1 u_1b_bs2         60 300 peer_run 1b --framework unsloth --bs 2 --seq 2048
+part1 u_1b_bs2_gcoff   55 300 peer_run 1b --framework unsloth --bs 2 --seq 2048 --gc off
+part1 u_1b_bs8         65 300 peer_run 1b --framework unsloth --bs 8 --seq 2048
+part1 memory           60 240 python3 scripts/bench_memory.py
+part1 load_8b          90 360 load_8b
+part2 p_8b_make        75 300 peer_make 8b
+part2 m_8b_bs2         45 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
+part2 m_8b_32k         75 300 $B --preset llama-3.1-8b --batch_size 1 --seq_len 32768 --gc auto $W
+part2 u_8b_bs2         85 300 peer_run 8b --framework unsloth --bs 2 --seq 2048
+part2 u_8b_bs2_gcoff   80 300 peer_run 8b --framework unsloth --bs 2 --seq 2048 --gc off
+part2 u_8b_32k        100 360 peer_run 8b --framework unsloth --bs 1 --seq 32768
+part3 m_8b_bs2_lean    60 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 6.8 $W
+part3 m_8b_32k_14gb    90 300 $B --preset llama-3.1-8b --batch_size 1 --seq_len 32768 --gc auto --max_memory_gb 14 $W
+part3 m_8b_budget7     60 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 7 $W
+part3 m_8b_budget10    60 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 10 $W
+part3 m_8b_budget14    60 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 14 $W
+part3 m_8b_budget20    60 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 20 $W
+part3 h_8b_bs2        120 360 peer_run 8b --framework hf --bs 2 --seq 2048
+part3 h_1b_bs2         60 300 peer_run 1b --framework hf --bs 2 --seq 2048
+part3 m_8b_bs2_offload 60 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc offload $W
+part3 m_qwen7b_bs2     60 240 $B --preset qwen2.5-7b --batch_size 2 --seq_len 2048 --gc auto $W
+part3 m_gemma9b_bs2    70 240 $B --preset gemma-2-9b --batch_size 2 --seq_len 2048 --gc auto $W
+part3 m_mistral7b_bs2  60 240 $B --preset mistral-7b --batch_size 2 --seq_len 2048 --gc auto $W
+part4 m_8b_64k        150 300 $B --preset llama-3.1-8b --batch_size 1 --seq_len 65536 --gc auto --warmup 1 --steps 2
+part4 m_8b_128k       240 400 $B --preset llama-3.1-8b --batch_size 1 --seq_len 131072 --gc auto --warmup 1 --steps 1
+part4 u_8b_64k        150 300 peer_run 8b --framework unsloth --bs 1 --seq 65536 --warmup 1 --steps 2
+EOF
+}
+
+# --- helpers the jobs call (exported: `timeout` runs them in a fresh bash) -------------------------------------
+peer_make() {  # peers_gpu.py's random HF checkpoint of --size $1 in /tmp/peers_$1, kept while the machine is warm
+    local dir=/tmp/peers_$1
+    [ -f "$dir/config.json" ] && { echo "have $dir"; return 0; }
+    rm -rf "$dir.tmp" && python3 .peers/peers_gpu.py make --size "$1" --out "$dir.tmp" && mv "$dir.tmp" "$dir"
+}
+peer_run() {  # peer_run SIZE ARGS...: peers_gpu.py run on /tmp/peers_SIZE (made first if missing)
+    local size=$1; shift
+    peer_make "$size" >/dev/null || return 1
+    python3 .peers/peers_gpu.py run --model "/tmp/peers_$size" $W "$@"
+}
+load_8b() {  # issue 3: peak GPU memory while loading the 8B shape in 4 bits, against its final footprint
+    local dir=/tmp/minilora_8b
+    [ -f "$dir/config.json" ] || python3 scripts/bench_load.py --make "$dir" --make_shape llama-3.1-8b || return 1
+    python3 scripts/bench_load.py --load "$dir" --device cuda --load_in_4bit --dtype bfloat16
+    local rc=$?
+    rm -rf "$dir"  # 16 GB of disk
+    return $rc
+}
+export -f peer_make peer_run load_8b
+
+setup() {  # peers' wheels on PYTHONPATH; minilora importable as minilora.kernels / minilora.models
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    if [ "$PART" != part0 ] && [ ! -f /tmp/site/.installed ]; then
+        python3 -m pip install -q --no-index --no-deps --target /tmp/site .peers/whl/*.whl \
+            && touch /tmp/site/.installed || echo "WARNING: peer wheels did not install (peers jobs will fail)"
+    fi
+    if ! (cd /tmp && python3 -c "import minilora.kernels.nf4, minilora.models.llama" 2>/dev/null); then
+        # --no-build-isolation: the box has no index to fetch setuptools from (a plain -e . did not work)
+        python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
+    fi
+    if ! (cd /tmp && python3 -c "import minilora.kernels.nf4, minilora.models.llama" 2>/dev/null); then
+        echo "editable install did not give minilora.kernels; linking the package tree as pyproject.toml maps it"
+        rm -rf /tmp/mlsite && mkdir -p /tmp/mlsite/minilora
+        for f in "$PWD"/minilora/*; do ln -s "$f" /tmp/mlsite/minilora/; done
+        ln -s "$PWD/kernels" /tmp/mlsite/minilora/kernels && ln -s "$PWD/models" /tmp/mlsite/minilora/models
+        export PYTHONPATH=/tmp/mlsite:$PYTHONPATH
+    fi
+    (cd /tmp && python3 - <<'EOF'
+import torch, triton, minilora.kernels.nf4
+p = torch.cuda.get_device_properties(0) if torch.cuda.is_available() else None
+print(f"{p.name + f', {p.total_memory / 2**30:.1f} GiB' if p else 'no CUDA'}; torch {torch.__version__}, "
+      f"triton {triton.__version__}, CUDA {torch.version.cuda}; minilora from {minilora.kernels.nf4.__file__}")
+EOF
+    ) | tee "$LOG/env.txt"
+    nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.max.sm,power.limit --format=csv >> "$LOG/env.txt" 2>&1
+}
+
+run_job() {  # run_job NAME EXPECT CAP COMMAND...
+    local name=$1 expect=$2 cap=$3; shift 3
+    local now left
+    now=$(date +%s); left=$((DEADLINE - now))
+    if ((expect > left)); then
+        printf '%s\tskipped\t0\t%s\n' "$name" "no time left ($left s < expected $expect s)" >> "$LOG/jobs.tsv"
+        echo "[skip] $name: $left s left, expects $expect s"
+        return
+    fi
+    ((cap > left)) && cap=$left
+    echo "[$(date +%T)] $name (cap ${cap}s): $*"
+    local t0=$SECONDS rc
+    timeout -k 20 "$cap" bash -c "$*" < /dev/null > "$LOG/$name.log" 2>&1
+    rc=$?
+    printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - t0))" "$*" >> "$LOG/jobs.tsv"
+    grep -h '^RESULT ' "$LOG/$name.log" | cut -c1-300
+    ((rc == 0)) || { echo "  exit $rc; last lines:"; tail -n 4 "$LOG/$name.log" | cut -c1-300; }
+}
+
+summary() {  # summary DIR: one table of every RESULT line in DIR's logs, then the benchmark tables
+    # run from /tmp: in the repo root, ./minilora (the source folder) would shadow the installed package
+    local dir
+    dir=$(cd "$1" && pwd) || return 1
+    (cd /tmp && python3 - "$dir" "$OLDPWD/scripts") <<'EOF'
+import json, re, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+from bench import preset_config, train_flops
+
+log = Path(sys.argv[1])
+rows, other = [], []
+for f in sorted(log.glob("*.log"), key=lambda p: p.stat().st_mtime):
+    for line in f.read_text(errors="replace").splitlines():
+        if line.startswith("RESULT "):
+            (rows if '"framework"' in line else other).append((f.stem, json.loads(line[7:])))
+
+
+def mfu(job, r):
+    """The FLOP model of scripts/bench.py for a peer row: Unsloth's default and HF's `on` checkpoint every layer."""
+    if r.get("mfu") is not None:
+        return r["mfu"]
+    size = re.search(r"_(1b|8b)_", job + "_")
+    if not (size and r.get("ok")):
+        return None
+    cfg = preset_config(size.group(1))
+    modes = ["off" if r.get("gc") == "off" else "offload"] * cfg.num_hidden_layers
+    return train_flops(cfg, r["bs"], r["seq"], modes, r.get("r", 16)) / r["step_s"] / 989e12
+
+
+def f(x, spec):
+    return format(x, spec) if isinstance(x, (int, float)) else "-"
+
+
+print(f"\n{'job':<18} {'framework':<9} {'bs x seq':<10} {'gc / modes':<26} {'tok/s':>8} {'peak GiB':>8} "
+      f"{'reserved':>8} {'MFU':>6} {'loss first>last':>16}  note")
+for job, r in rows:
+    gc = r.get("modes") or r.get("gc") or "default"
+    if r.get("max_memory_gb"):
+        gc = f"{gc} <= {r['max_memory_gb']}"
+    note = "" if r.get("ok") else r.get("error", "")[:120]
+    if r.get("predicted_peak_gb"):
+        note = f"predicted {r['predicted_peak_gb']:.2f} " + note
+    loss = f"{f(r.get('first_loss'), '.3f')}>{f(r.get('last_loss'), '.3f')}"
+    print(f"{job:<18} {r['framework']:<9} {str(r['bs']) + 'x' + str(r['seq']):<10} {gc:<26} "
+          f"{f(r.get('tok_s'), ',.0f'):>8} {f(r.get('peak_alloc_gb'), '.2f'):>8} {f(r.get('peak_reserved_gb'), '.2f'):>8} "
+          f"{f(mfu(job, r), '.1%'):>6} {loss:>16}  {note}")
+for job, r in other:
+    print(f"{job}: {json.dumps(r)}")
+for name in ("dequant", "memory"):
+    p = log / f"{name}.log"
+    if p.exists():
+        print(f"\n--- {name} (tail) ---")
+        print("\n".join(p.read_text(errors="replace").splitlines()[-14:]))
+jobs = log / "jobs.tsv"
+if jobs.exists():
+    print("\n--- jobs (name, exit code, seconds) ---")
+    for line in jobs.read_text().splitlines():
+        name, rc, secs, what = line.split("\t", 3)
+        print(f"{name:<18} {rc:>7} {secs:>5}s" + (f"  {what}" if rc == "skipped" else ""))
+EOF
+}
+
+case "$PART" in
+    list) jobs; exit 0 ;;
+    summary) summary "${1:?summary DIR}"; exit 0 ;;
+    part0) export DEADLINE_S=120; DEADLINE=$((START + 120)) ;;&
+    run)
+        [ $# -gt 0 ] || { echo "run NAME..."; exit 2; }
+        for n in "$@"; do jobs | awk -v n="$n" '$2 == n {f = 1} END {exit !f}' || { echo "no job $n (see: list)"; exit 2; }; done
+        WANT=" $* " ;;
+    part0 | part1 | part2 | part3 | part4) WANT="" ;;
+    *) echo "unknown part $PART; see: bash $0"; exit 2 ;;
+esac
+LOG=$OUT/$PART
+mkdir -p "$LOG"
+setup
+while read -r part name expect cap cmd; do
+    if [ -n "$WANT" ]; then [[ "$WANT" == *" $name "* ]] || continue
+    else [ "$part" = "$PART" ] || continue; fi
+    run_job "$name" "$expect" "$cap" "$cmd"
+done < <(jobs)
+summary "$LOG" | tee "$LOG/summary.txt"
+echo "total $(($(date +%s) - START)) s; logs in $LOG"
