@@ -267,6 +267,12 @@ def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's LlamaModel.permute (HF rotate-half rows -> interleaved pairs), the inverse of unpermute_qk;
+    used when writing GGUF (minilora/gguf_export.py)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
 def convert_tensor(t, arch: str, cfg: dict, path) -> torch.Tensor:
     """One GGUF tensor as the float32 tensor HF stores."""
     w = torch.from_numpy(_dequantize(t, path).copy())  # copy: the reader's arrays are read-only memory maps
