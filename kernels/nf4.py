@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 # 4096 outputs (64 blocks) a program, 4 rows a thread. Not yet timed on a GPU (none was lent to the session that
-# wrote this): scripts/bench_dequant.py --sweep times the alternatives.
+# wrote this): tests/bench_dequant.py --sweep times the alternatives.
 BYTES_PER_PROGRAM = 2048
 NUM_WARPS = 4
 

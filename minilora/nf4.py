@@ -24,7 +24,7 @@ Rounding, copied from bitsandbytes 0.50 so the bytes match (ties matter when you
   x = (absmax - offset) / nested_absmax to one of 65536 evenly spaced bins on [-1, 1] and reads the code from
   a table built for the bins' centres. We rebuild that table and snap the same way (`_quantize_dynamic`).
   bnb's CUDA kernel instead searches the map for the nearest level, so absmax bytes from a GPU bitsandbytes
-  can differ from ours where x falls near the midpoint of two levels (scripts/bench_dequant.py counts them).
+  can differ from ours where x falls near the midpoint of two levels (tests/bench_dequant.py counts them).
 
 Serialization follows bnb's `Params4bit` + `QuantState.as_dict(packed=True)`, the keys Hugging Face writes for a
 `load_in_4bit` model: `weight` (uint8 [ceil(numel/2), 1]), `weight.absmax`, `weight.quant_map`,

@@ -37,7 +37,7 @@ cat <<EOF
 part0 selftest_auto    20  90 $B --preset tiny --device cpu --seq_len 256 --warmup 1 --steps 2 --gc auto
 part0 selftest_budget  20  90 $B --preset tiny --device cpu --seq_len 256 --warmup 1 --steps 2 --gc auto --max_memory_gb 0.0001
 part0 selftest_skip  9999  90 echo never runs: expected time beyond the deadline
-part1 dequant          40 180 python3 scripts/bench_dequant.py
+part1 dequant          40 180 python3 tests/bench_dequant.py
 part1 m_1b_bs2         30 180 $B --preset llama-3.2-1b --batch_size 2 --seq_len 2048 --gc auto $W
 part1 m_1b_bs8         35 180 $B --preset llama-3.2-1b --batch_size 8 --seq_len 2048 --gc auto $W
 part1 m_1b_bs2_offload 30 180 $B --preset llama-3.2-1b --batch_size 2 --seq_len 2048 --gc offload $W

@@ -1,9 +1,9 @@
 """Benchmark NF4 dequantization on a CUDA GPU: minilora's Triton kernel against a plain device copy (the
 ceiling), the plain-torch reference, and bitsandbytes' dequantize_4bit when bitsandbytes imports.
 
-    python scripts/bench_dequant.py             # 14336x4096 (Llama-3-8B MLP) and 4096x4096, bf16 output
-    python scripts/bench_dequant.py --quick     # 4096x4096 only, shorter timing
-    python scripts/bench_dequant.py --sweep     # also time other program sizes / warp counts (tuning)
+    python tests/bench_dequant.py             # 14336x4096 (Llama-3-8B MLP) and 4096x4096, bf16 output
+    python tests/bench_dequant.py --quick     # 4096x4096 only, shorter timing
+    python tests/bench_dequant.py --sweep     # also time other program sizes / warp counts (tuning)
 
 Bytes counted for a dequantization, the least it must move: packed codes (numel/2), absmax bytes (numel/64),
 nested absmax (fp32, numel/16384), the two maps, and the output (numel * 2 in bf16). bitsandbytes is charged
