@@ -118,6 +118,11 @@ def load_adapter_weights(model, adapter_dir: str | Path):
                                  f"does not give the same values (saved by PEFT without ensure_weight_tying?)")
         with torch.no_grad():
             params[name].copy_(t)
+    # every trainable tensor must come from the file: a LoRA B left at zero would pass silently
+    missing = [n for n, p in params.items() if p.requires_grad and not set(names_of[id(p)]) & tensors.keys()]
+    if missing:
+        raise ValueError(f"{path}: no tensor for {len(missing)} trainable parameters of the model, e.g. "
+                         f"{missing[:3]} (adapter written for other target_modules or layers?)")
 
 
 def load_adapter(model, adapter_dir: str | Path):

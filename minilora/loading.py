@@ -22,9 +22,10 @@ import torch.nn as nn
 
 from minilora.config import ModelConfig
 from minilora.hub import resolve_checkpoint
+from minilora.lora import DEFAULT_TARGETS as PROJECTIONS  # the seven projections a 4-bit load quantizes
+from minilora.lora import LoRALinear, replace_linears_for_4bit
 from minilora.models import build_model
 
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Keys some checkpoints carry that are not weights (old Llama exports saved RoPE's inverse frequencies).
 IGNORED_KEYS = re.compile(r"\.rotary_emb\.inv_freq$")
 BNB_SUFFIX = ".quant_state.bitsandbytes__nf4"
@@ -113,7 +114,6 @@ def load_model(source, device="cpu", dtype: torch.dtype | None = None, load_in_4
         model = build_model(config)
     four_bit = {}  # module name -> LoRALinear placeholder that takes an NF4 weight
     if prequantized or load_in_4bit:
-        from minilora.lora import LoRALinear, replace_linears_for_4bit
         targets = prequantized or [n for n, m in model.named_modules()
                                    if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in PROJECTIONS]
         replace_linears_for_4bit(model, targets)
@@ -199,6 +199,7 @@ def _is_bnb_extra(key: str, four_bit: dict) -> bool:
 def _assign(model: nn.Module, module_name: str, leaf: str, t: torch.Tensor):
     module = model.get_submodule(module_name)
     if leaf in module._parameters:
+        # trainable like a freshly built module (full fine-tuning); inject_lora freezes all but the adapters
         module._parameters[leaf] = nn.Parameter(t, requires_grad=t.is_floating_point())
     else:
         module._buffers[leaf] = t

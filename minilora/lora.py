@@ -195,7 +195,10 @@ class LoRALinear(nn.Module):
         if self.nf4 is not None:
             probe = fn(torch.empty(0, dtype=self.nf4.dtype, device=self.nf4.packed.device))
             self.nf4 = dataclasses.replace(self.nf4.to(probe.device), dtype=probe.dtype)
-        return super()._apply(fn, recurse)
+        super()._apply(fn, recurse)
+        if self.r > 0:  # LoRA weights stay the fp32 master copy whatever the model is cast to
+            self.lora_A.float(), self.lora_B.float()
+        return self
 
     # --- forward ---
 
@@ -280,6 +283,9 @@ def inject_lora(model: nn.Module, r: int = 16, lora_alpha: float = 16, lora_drop
         names = [n for n in linears if n.rsplit(".", 1)[-1] != "lm_head"]
     else:
         names = _select(list(linears), _target_list(target_modules), "inject_lora target_modules")
+    if "lm_head" in names:  # the chunked loss multiplies by lm_head.weight itself, so an adapter there never trains
+        raise ValueError("inject_lora: LoRA on lm_head is not supported; train it in full with "
+                         "modules_to_save=['lm_head'] instead")
     saved = _select([n for n, _ in model.named_modules() if n], list(modules_to_save),
                     "inject_lora modules_to_save") if modules_to_save else []
     both = sorted(n for n in names if any(n == s or n.startswith(s + ".") for s in saved))

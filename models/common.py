@@ -34,8 +34,11 @@ class RMSNorm(nn.Module):
 def rope_cos_sin(config: ModelConfig, layer_type: str, position_ids: torch.Tensor, dtype: torch.dtype):
     """cos, sin of shape [B, T, D] for the given positions [B, T]. Recomputed per forward: it is a [B,T,D/2]
     outer product, negligible next to attention, and keeps the module free of buffers on the meta device."""
-    seq_len = int(position_ids.max()) + 1 if position_ids.numel() else 0
-    inv_freq, scale = rope_inv_freq(config.rope[layer_type], config.head_dim, config.max_position_embeddings, seq_len)
+    rope = config.rope[layer_type]
+    seq_len = 0  # only dynamic NTK scaling depends on the length, and reading it costs a device sync
+    if rope["rope_type"] == "dynamic" and position_ids.numel():
+        seq_len = int(position_ids.max()) + 1
+    inv_freq, scale = rope_inv_freq(rope, config.head_dim, config.max_position_embeddings, seq_len)
     freqs = position_ids[..., None].float() * inv_freq.to(position_ids.device)  # [B, T, D/2]
     emb = torch.cat((freqs, freqs), dim=-1)  # rotate-half layout: [f0..f_{D/2-1}, f0..f_{D/2-1}]
     return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
@@ -73,12 +76,14 @@ def attention(q, k, v, mask, scale: float, softcap: float | None = None):
     """q [B, H, T, D], k/v [B, K, S, D], mask [B, 1, T, S] bool or None (plain causal, T == S).
     SDPA picks flash/efficient kernels on GPU. Soft-capping the scores (Gemma 2) is not expressible in SDPA,
     so that path computes the scores explicitly: softmax(cap * tanh(q k^T * scale / cap) + mask) v."""
-    if softcap is None:
-        if mask is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    if softcap is None and mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    # With a mask, SDPA's memory-efficient kernel takes no GQA (enable_gqa would fall back to the math kernel,
+    # which builds fp32 [B, H, T, S] scores): repeat each key/value head for its n_rep query heads instead.
     n_rep = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+    k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)  # [B, H, S, D]
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, H, T, S]
     scores = torch.tanh(scores / softcap) * softcap
     if mask is None:

@@ -20,12 +20,13 @@ import torch
 from minilora.adapter import save_adapter, save_atomic
 from minilora.chat_templates import BUILTIN_TEMPLATES, compile_template, render, template_tokens
 from minilora.checkpointing import set_checkpointing
-from minilora.dataset import DEMO_EVAL, DEMO_TRAIN, EpochBatches, load_rows, split_eval, tokenize_rows
+from minilora.dataset import (DEMO_EVAL, DEMO_TRAIN, EpochBatches, detect_format, load_rows, split_eval,
+                              to_messages, tokenize_rows)
 from minilora.export import LoRAWeights, push_to_hub, save_gguf, save_merged
 from minilora.generation import generate
 from minilora.hub import resolve_checkpoint
 from minilora.loading import load_model
-from minilora.lora import inject_lora, lora_parameters
+from minilora.lora import DEFAULT_TARGETS, inject_lora, lora_parameters
 from minilora.pypi_models import pypi_gguf
 from minilora.tokenizer import Tokenizer
 from minilora.trainer import Trainer, TrainArgs, TrainingError
@@ -46,7 +47,7 @@ g = p.add_argument_group("LoRA")
 g.add_argument("--r", type=int, default=16)
 g.add_argument("--lora_alpha", type=float, default=16)
 g.add_argument("--lora_dropout", type=float, default=0.0)
-g.add_argument("--target_modules", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+g.add_argument("--target_modules", default=",".join(DEFAULT_TARGETS),
                help="comma-separated module names, or all-linear")
 g.add_argument("--use_rslora", action="store_true", help="scale alpha/sqrt(r) instead of alpha/r")
 g.add_argument("--modules_to_save", default="", help="modules trained in full, e.g. embed_tokens,lm_head")
@@ -152,29 +153,34 @@ batches = EpochBatches(train_examples, args.per_device_train_batch_size, args.se
 
 
 # --- before/after: exact-match answers on held-out conversations --------------------------------------------------
-def answer_all(rows) -> tuple[float, list[str]]:
-    """Greedy answers to each row's conversation minus its final assistant turn; exact-match accuracy."""
+def held_out_questions(rows) -> list[tuple[list[dict], str]]:
+    """(conversation without its final answer, that answer) for each held-out chat row; none for raw text."""
+    fmt = args.dataset_format or detect_format(rows[0]) if rows else "text"
+    if fmt == "text":
+        return []
+    chats = [to_messages(row, fmt) for row in rows]
+    return [(m[:-1], m[-1]["content"].strip()) for m in chats if m and m[-1]["role"] == "assistant"]
+
+
+def answer_all(questions) -> tuple[float, list[str]]:
+    """Greedy answers and their exact-match accuracy."""
     compiled = compile_template(template_arg or tokenizer.chat_template or "chatml")
-    hits, answers = 0, []
-    for row in rows:
-        messages = row.data.get("messages")
-        if not messages or messages[-1]["role"] != "assistant":
-            continue
-        prompt = render(compiled, messages[:-1], add_generation_prompt=True, **template_tokens(tokenizer))
+    answers = []
+    for messages, _ in questions:
+        prompt = render(compiled, messages, add_generation_prompt=True, **template_tokens(tokenizer))
         new = generate(model, tokenizer.encode(prompt, add_special_tokens=False), max_new_tokens=24,
                        eos_token_ids=tokenizer.eos_token_ids)
-        answer = tokenizer.decode(new, skip_special_tokens=True).strip()
-        answers.append(answer)
-        hits += answer == messages[-1]["content"].strip()
+        answers.append(tokenizer.decode(new, skip_special_tokens=True).strip())
+    hits = sum(a == ref for a, (_, ref) in zip(answers, questions))
     return hits / max(len(answers), 1), answers
 
 
-em_rows = eval_rows[: args.exact_match] if args.exact_match else []
+questions = held_out_questions(eval_rows)[: args.exact_match]
 before = {}  # the eval loss before training is the trainer's step-0 record
-if em_rows and not args.resume:
-    before["exact_match"], answers = answer_all(em_rows)
-    q = em_rows[0].data["messages"][-2]["content"]
-    print(f"before: exact match {before['exact_match']:.0%} on {len(em_rows)} held-out; Q: {q!r} -> {answers[0]!r}")
+if questions and not args.resume:
+    before["exact_match"], answers = answer_all(questions)
+    print(f"before: exact match {before['exact_match']:.0%} on {len(questions)} held-out; "
+          f"Q: {questions[0][0][-1]['content']!r} -> {answers[0]!r}")
 
 # --- train ----------------------------------------------------------------------------------------------------------
 train_args = TrainArgs(
@@ -203,10 +209,10 @@ if evals:
     print(f"eval loss: {before.get('eval_loss', float('nan')):.4f} before, {evals[-1]:.4f} after")
 else:
     after = {}
-if em_rows:
-    after["exact_match"], answers = answer_all(em_rows)
+if questions:
+    after["exact_match"], answers = answer_all(questions)
     print(f"after:  exact match {after['exact_match']:.0%} (before {before.get('exact_match', float('nan')):.0%}); "
-          f"Q: {em_rows[0].data['messages'][-2]['content']!r} -> {answers[0]!r}")
+          f"Q: {questions[0][0][-1]['content']!r} -> {answers[0]!r}")
 
 
 # the template the model was trained with ships with it (--chat_template overrides the checkpoint's own)

@@ -184,6 +184,20 @@ def test_peft_adapter_that_unties_embeddings_is_refused(tmp_path):
         save_merged(LoRAWeights.from_dir(tmp_path / "peft"), tmp_path / "base", tmp_path / "merged")
 
 
+def test_adapter_missing_a_trained_tensor_is_refused(tmp_path):
+    """An adapter written for other targets would otherwise 'load' with lora_B left at zero."""
+    from safetensors.torch import save_file
+    save_tiny("llama", tmp_path / "base")
+    model = load_model(tmp_path / "base", dtype=torch.float32)
+    inject_lora(model, r=2, target_modules=["q_proj", "v_proj"])
+    save_adapter(model, tmp_path / "adapter")
+    tensors = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    save_file({k: v for k, v in tensors.items() if ".v_proj." not in k},
+              tmp_path / "adapter" / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors: no tensor for 4 trainable parameters"):
+        load_adapter(load_model(tmp_path / "base", dtype=torch.float32), tmp_path / "adapter")
+
+
 # --- merged_16bit: dtype, shards, where W₀ comes from -------------------------------------------------------------
 
 def test_bf16_source_several_shards(tmp_path):

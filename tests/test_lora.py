@@ -135,6 +135,7 @@ def test_nf4_module_moves_casts_and_state_dict():
     m.to(torch.bfloat16)  # casts the compute dtype only: packed bytes and fp32 constants are untouched
     assert m.nf4.dtype == torch.bfloat16 and m.nf4.packed.dtype == torch.uint8
     assert m.nf4.nested_absmax.dtype == torch.float32 and m.nf4.offset.dtype == torch.float32
+    assert m.lora_A.weight.dtype == m.lora_B.weight.dtype == torch.float32  # the optimizer's master copy
     check("nf4 bf16 vs fp32 forward", m(x.bfloat16()), y32, 2**-6 * y32.abs().max().item())
     m.to("meta")
     assert m.nf4.packed.is_meta and m.bias.is_meta
@@ -269,6 +270,12 @@ def test_unknown_target_lists_available_names(tiny):
     assert "qproj" in msg and all(t in msg for t in DEFAULT_TARGETS) and "lm_head" in msg, msg
     with pytest.raises(ValueError, match="embed_token"):
         inject_lora(tiny, modules_to_save=["embed_token"])
+
+
+def test_lora_on_lm_head_is_refused(tiny):
+    # the chunked loss reads lm_head.weight directly, so an adapter there would silently never train
+    with pytest.raises(ValueError, match="modules_to_save"):
+        inject_lora(tiny, target_modules=["q_proj", "lm_head"])
 
 
 def test_everything_else_is_frozen(tiny):
