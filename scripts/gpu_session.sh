@@ -12,7 +12,9 @@
 #   bash scripts/gpu_session.sh run NAME...   # only these jobs (e.g. the ones a part skipped for time)
 #   bash scripts/gpu_session.sh list          # every job, its part, expected seconds and command
 #   bash scripts/gpu_session.sh summary DIR   # the table again, from a part's logs
-# From the device tool: run(command="bash scripts/gpu_session.sh part1", carry=[".peers"]).
+# From the device tool: run(command="bash scripts/gpu_session.sh part1", carry=[".peers"]). `.peers` is git-ignored;
+# make it first on the CPU machine (~55 MB, under the 64 MiB a call may carry):
+#   mkdir -p .peers && cp ../shared/bench/peers_gpu.py .peers/ && bash ../shared/bench/fetch_peer_wheels.sh .peers/whl
 #
 # Each job is its own process (peak memory is per job) under `timeout` (a hang costs only its cap). A job whose
 # expected time no longer fits before the deadline (DEADLINE_S after the start, default 560) is skipped and
