@@ -90,10 +90,6 @@ class ModelConfig:
         return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     @property
-    def n_rep(self) -> int:  # query heads per key/value head (GQA)
-        return self.num_attention_heads // self.num_key_value_heads
-
-    @property
     def eos_token_ids(self) -> list[int]:
         e = self.eos_token_id
         return [] if e is None else [e] if isinstance(e, int) else list(e)
@@ -215,7 +211,7 @@ def _rope_one(p: dict, theta: float) -> dict:
     p["rope_type"] = p.pop("type", None) or p.get("rope_type") or "default"
     p.setdefault("rope_theta", theta)
     p["rope_theta"] = float(p["rope_theta"])
-    if p["rope_type"] in ("linear", "dynamic", "yarn", "llama3") and p.get("factor") is None and p["rope_type"] != "yarn":
+    if p["rope_type"] in ("linear", "dynamic", "llama3") and p.get("factor") is None:  # yarn derives its own
         raise ConfigError(f"rope_type {p['rope_type']!r} needs a 'factor'")
     return p
 

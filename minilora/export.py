@@ -50,11 +50,10 @@ from minilora.adapter import (adapter_state_dict, lora_modules, read_adapter_con
                               save_atomic)
 from minilora.hub import resolve_checkpoint
 from minilora.loading import BNB_SUFFIX, PROJECTIONS, WeightFiles
-from minilora.nf4 import dequantize_nf4, nf4_from_bnb_state, nf4_to_bnb_state, quantize_nf4
+from minilora.nf4 import DTYPE_NAMES, dequantize_nf4, nf4_from_bnb_state, nf4_to_bnb_state, quantize_nf4
 
 DEFAULT_SHARD_SIZE = "5GB"
 SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
-DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
 
 # --- the adapter, from memory or from disk ----------------------------------------------------------------------

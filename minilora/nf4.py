@@ -229,7 +229,7 @@ def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None, out: Tensor |
 # ----------------------------------------------------------------------------------------------------------
 # bitsandbytes serialization
 
-_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
 
 def nf4_to_bnb_state(q: NF4Tensor, prefix: str = "weight") -> dict[str, Tensor]:
@@ -238,7 +238,7 @@ def nf4_to_bnb_state(q: NF4Tensor, prefix: str = "weight") -> dict[str, Tensor]:
     meta = {  # same keys in the same order as bnb, so the JSON bytes are identical too
         "quant_type": "nf4",
         "blocksize": BLOCKSIZE,
-        "dtype": _DTYPE_NAMES[q.dtype],
+        "dtype": DTYPE_NAMES[q.dtype],
         "shape": list(q.shape),
         "nested_blocksize": NESTED_BLOCKSIZE,
         "nested_dtype": "float32",
@@ -281,8 +281,8 @@ def nf4_from_bnb_state(tensors: dict[str, Tensor], prefix: str, where: str) -> N
                         "only NF4 with nested absmax is supported")
     if meta.get("nested_blocksize") != NESTED_BLOCKSIZE:
         fail(state_key, f"nested_blocksize {meta.get('nested_blocksize')}, only {NESTED_BLOCKSIZE} is supported")
-    if meta.get("dtype") not in _DTYPE_NAMES.values():
-        fail(state_key, f"dtype {meta.get('dtype')!r}, expected one of {sorted(_DTYPE_NAMES.values())}")
+    if meta.get("dtype") not in DTYPE_NAMES.values():
+        fail(state_key, f"dtype {meta.get('dtype')!r}, expected one of {sorted(DTYPE_NAMES.values())}")
 
     shape = torch.Size(meta["shape"])
     n_blocks = -(-shape.numel() // BLOCKSIZE)
