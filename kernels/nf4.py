@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from minilora.kernels import use_triton
+
 # 4096 outputs (64 blocks) a program, 4 rows a thread. Not yet timed on a GPU (none was lent to the session that
 # wrote this): tests/bench_dequant.py --sweep times the alternatives.
 BYTES_PER_PROGRAM = 2048
@@ -128,5 +130,5 @@ def dequantize_reference(packed, absmax, nested_absmax, offset, quant_map, neste
 
 def dequantize(packed, absmax, nested_absmax, offset, quant_map, nested_quant_map, shape, dtype, out=None):
     """NF4 -> `dtype` tensor of `shape`: the Triton kernel for CUDA tensors, the torch reference elsewhere."""
-    fn = dequantize_triton if packed.is_cuda else dequantize_reference
+    fn = dequantize_triton if use_triton(packed, "nf4") else dequantize_reference
     return fn(packed, absmax, nested_absmax, offset, quant_map, nested_quant_map, shape, dtype, out=out)

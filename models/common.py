@@ -13,6 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minilora.config import ModelConfig, rope_inv_freq
+from minilora.kernels.gated_act import gated_act
+from minilora.kernels.rmsnorm import rmsnorm
 
 
 class RMSNorm(nn.Module):
@@ -24,11 +26,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.offset:  # Gemma: scale in fp32, then cast
-            return (xf * (self.offset + self.weight.float())).type_as(x)
-        return self.weight * xf.to(x.dtype)  # Llama: cast, then scale in the weight's dtype
+        # kernels/rmsnorm.py: fused Triton forward/backward on CUDA (keeps only x and one fp32 rstd per row for
+        # backward), its torch reference elsewhere; the numerics are the reference's, documented there
+        return rmsnorm(x, self.weight, self.eps, self.offset)
 
 
 def rope_cos_sin(config: ModelConfig, layer_type: str, position_ids: torch.Tensor, dtype: torch.dtype):
@@ -94,6 +94,10 @@ def attention(q, k, v, mask, scale: float, softcap: float | None = None):
     return torch.matmul(probs, v)
 
 
+# Hugging Face's hidden_act names -> kernels/gated_act.py's activations
+GATED_ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
+
+
 class GatedMLP(nn.Module):
     """down(act(gate(x)) * up(x)): SwiGLU with silu (Llama, Qwen, Mistral), GeGLU-tanh with gelu (Gemma)."""
 
@@ -103,15 +107,13 @@ class GatedMLP(nn.Module):
         self.gate_proj = nn.Linear(h, i, bias=b)
         self.up_proj = nn.Linear(h, i, bias=b)
         self.down_proj = nn.Linear(i, h, bias=b)
-        if config.hidden_act == "silu":
-            self.act = F.silu
-        elif config.hidden_act in ("gelu_pytorch_tanh", "gelu_tanh"):
-            self.act = lambda x: F.gelu(x, approximate="tanh")
-        else:
-            raise ValueError(f"unsupported hidden_act {config.hidden_act!r}; supported: silu, gelu_pytorch_tanh")
+        if config.hidden_act not in GATED_ACTIVATIONS:
+            raise ValueError(f"unsupported hidden_act {config.hidden_act!r}; supported: {sorted(GATED_ACTIVATIONS)}")
+        self.activation = GATED_ACTIVATIONS[config.hidden_act]
 
     def forward(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        # kernels/gated_act.py: act(g) * u fused on CUDA, keeping g and u for backward instead of g, u and act(g)
+        return self.down_proj(gated_act(self.gate_proj(x), self.up_proj(x), self.activation))
 
 
 class KVCache:

@@ -1,0 +1,66 @@
+"""Every Triton kernel against its torch reference on a CUDA GPU, forward and backward, at real sizes.
+
+    python tests/gpu_check_kernels.py          # exits 1 if any kernel is off by more than its tolerance
+
+CI runs the kernels in Triton's interpreter on the CPU (tests/test_kernels_*.py); this script is the same check
+compiled for the GPU, where the code generator, approximate rsqrt/exp and rounding of casts differ. Tolerances:
+fp32 ~1e-5 relative to the largest value; bf16 two bf16 ulps of the largest value (the references round after
+every op, the kernels once). Not collected by pytest (no GPU in CI); the device session runs it first.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from minilora.kernels.gated_act import GatedActFunction, gated_act_reference
+from minilora.kernels.rmsnorm import RMSNormFunction, rmsnorm_reference
+
+FAILED = []
+
+
+def compare(name: str, ours, ref, dtype):
+    for what, a, b in zip(("out", *(f"grad{i}" for i in range(len(ours) - 1))), ours, ref):
+        if a is None and b is None:
+            continue
+        big = b.double().abs().max().item()
+        err = (a.double() - b.double()).abs().max().item()
+        tol = (1e-5 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps) * max(big, 1.0)
+        ok = err <= tol
+        print(f"{'ok ' if ok else 'BAD'} {name:<44} {what:<6} max|diff| {err:.3g} (tol {tol:.3g}, max {big:.3g})")
+        if not ok:
+            FAILED.append(f"{name} {what}")
+
+
+def outputs_and_grads(fn, inputs, dy_seed=1):
+    inputs = [t.detach().clone().requires_grad_(t.is_floating_point()) if isinstance(t, torch.Tensor) else t
+              for t in inputs]
+    y = fn(*inputs)
+    dy = torch.randn(y.shape, generator=torch.Generator(y.device).manual_seed(dy_seed), device=y.device).to(y.dtype)
+    grads = torch.autograd.grad(y, [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad], dy)
+    return [y.detach(), *grads]
+
+
+def main():
+    dev = torch.device("cuda")
+    g = torch.Generator(dev).manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        for shape in ((2, 2048, 4096), (4096, 2048), (2, 512, 8, 128)):  # hidden sizes; a Qwen3 q/k norm
+            for offset in (0.0, 1.0):
+                x = torch.randn(shape, generator=g, device=dev).to(dtype)
+                w = (torch.randn(shape[-1], generator=g, device=dev) * 0.1 + (1 - offset)).to(dtype)
+                compare(f"rmsnorm {list(shape)} {dtype} offset {offset}",
+                        outputs_and_grads(lambda x, w: RMSNormFunction.apply(x, w, 1e-5, offset), [x, w]),
+                        outputs_and_grads(lambda x, w: rmsnorm_reference(x, w, 1e-5, offset), [x, w]), dtype)
+        for act in ("silu", "gelu_tanh"):
+            gate = torch.randn(4096, 14336, generator=g, device=dev).mul_(3).to(dtype)
+            up = torch.randn(4096, 14336, generator=g, device=dev).to(dtype)
+            compare(f"gated_act {act} [4096, 14336] {dtype}",
+                    outputs_and_grads(lambda a, b: GatedActFunction.apply(a, b, act), [gate, up]),
+                    outputs_and_grads(lambda a, b: gated_act_reference(a, b, act), [gate, up]), dtype)
+    print("FAILED: " + ", ".join(FAILED) if FAILED else "all kernels within tolerance")
+    sys.exit(1 if FAILED else 0)
+
+
+if __name__ == "__main__":
+    main()
