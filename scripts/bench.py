@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -172,6 +173,33 @@ def sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
+def train_step(model, opt, ids, labels, config, chunk):
+    hidden = model.hidden_states(ids)  # [B, T, H]
+    loss = chunked_cross_entropy(hidden, model.lm_head.weight, labels, chunk_size=chunk,
+                                 softcap=config.final_logit_softcapping) / (labels != -100).sum()
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
+def print_profile(model, opt, batch, config, chunk, device, rows: int = 25):
+    """The kernels of one step, by total self time on the device (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    ids, labels = batch[0].to(device), batch[1].to(device)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        train_step(model, opt, ids, labels, config, chunk)
+        sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    try:
+        table = prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
+    except Exception:  # newer torch names it by device
+        table = prof.key_averages().table(sort_by=key.replace("cuda", "device"), row_limit=rows,
+                                          max_name_column_width=60)
+    print(table, flush=True)
+
+
 def run(args) -> dict:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     config = preset_config(args.preset)
@@ -208,15 +236,13 @@ def run(args) -> dict:
         ids, labels = ids.to(device), labels.to(device)
         sync(device)
         t = time.perf_counter()
-        hidden = model.hidden_states(ids)  # [B, T, H]
-        loss = chunked_cross_entropy(hidden, model.lm_head.weight, labels, chunk_size=chunk,
-                                     softcap=config.final_logit_softcapping) / (labels != -100).sum()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss = train_step(model, opt, ids, labels, config, chunk)
         sync(device)
         times.append(time.perf_counter() - t)
         losses.append(loss.item())
+
+    if args.profile:  # one more step under the profiler: where the time goes, kernel by kernel
+        print_profile(model, opt, data[-1], config, chunk, device)
 
     step = statistics.median(times[args.warmup:])
     flops = train_flops(config, args.batch_size, args.seq_len, modes, args.r)
@@ -227,7 +253,8 @@ def run(args) -> dict:
         first_loss=losses[0], last_loss=losses[-1], load_s=load_s, trainable=sum(p.numel() for p in params),
         mfu=flops / step / (args.peak_tflops * 1e12), tflops=flops / step / 1e12, flops_per_step=flops,
         modes=" ".join(f"{m}x{modes.count(m)}" for m in ("off", "recompute", "offload") if m in modes),
-        ce_chunk=chunk, device=torch.cuda.get_device_name(device) if cuda else "cpu", torch=torch.__version__,
+        ce_chunk=chunk, kernels=os.environ.get("MINILORA_TRITON", "1"),
+        device=torch.cuda.get_device_name(device) if cuda else "cpu", torch=torch.__version__,
     )
     return out
 
@@ -253,6 +280,8 @@ def main():
                         "(default: what the GPU has free)")
     p.add_argument("--ce_chunk", type=int, default=None, help="rows per loss-head chunk (default: the loss's)")
     # report
+    p.add_argument("--profile", action="store_true", help="after the timed steps, profile one more and print "
+                   "the kernels that take the most device time")
     p.add_argument("--peak_tflops", type=float, default=989.0, help="dense bf16 peak for MFU (H100 SXM: 989)")
     args = p.parse_args()
 

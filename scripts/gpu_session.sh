@@ -4,7 +4,8 @@
 #   bash scripts/gpu_session.sh part1   # issue 3 dequant bandwidth; the 1B rows of issue 6, minilora and Unsloth
 #                                       # side by side; issue 4 memory tables (chunked CE, checkpoint modes);
 #                                       # issue 3's 8B 4-bit load footprint
-#   bash scripts/gpu_session.sh part2   # the 8B rows of issue 6, minilora and Unsloth side by side
+#   bash scripts/gpu_session.sh part2   # the kernels against their references on the GPU; the 8B rows of issue 6,
+#                                       # minilora and Unsloth side by side; fused kernels on/off (MINILORA_TRITON)
 #   bash scripts/gpu_session.sh part3   # the 8B rows under a budget (6.8 GB, 14 GB at 32k) and the budget curve
 #                                       # (7/10/14/20 GB); HF+PEFT rows; offload alone; the other presets
 #   bash scripts/gpu_session.sh part4   # long context: 8B at batch 1 x 65536 / 131072 tokens
@@ -40,7 +41,7 @@ part0 selftest_auto    20  90 $B --preset tiny --device cpu --seq_len 256 --warm
 part0 selftest_budget  20  90 $B --preset tiny --device cpu --seq_len 256 --warmup 1 --steps 2 --gc auto --max_memory_gb 0.0001
 part0 selftest_skip  9999  90 echo never runs: expected time beyond the deadline
 part1 dequant          40 180 python3 tests/bench_dequant.py
-part1 m_1b_bs2         30 180 $B --preset llama-3.2-1b --batch_size 2 --seq_len 2048 --gc auto $W
+part1 m_1b_bs2         40 180 $B --preset llama-3.2-1b --batch_size 2 --seq_len 2048 --gc auto $W --profile
 part1 m_1b_bs8         35 180 $B --preset llama-3.2-1b --batch_size 8 --seq_len 2048 --gc auto $W
 part1 m_1b_bs2_offload 30 180 $B --preset llama-3.2-1b --batch_size 2 --seq_len 2048 --gc offload $W
 part1 p_1b_make        30 240 peer_make 1b
@@ -49,12 +50,16 @@ part1 u_1b_bs2_gcoff   55 300 peer_run 1b --framework unsloth --bs 2 --seq 2048 
 part1 u_1b_bs8         65 300 peer_run 1b --framework unsloth --bs 8 --seq 2048
 part1 memory           60 240 python3 scripts/bench_memory.py
 part1 load_8b          90 360 load_8b
+part2 kcheck           25  90 python3 tests/gpu_check_kernels.py
 part2 p_8b_make        75 300 peer_make 8b
-part2 m_8b_bs2         45 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
-part2 m_8b_32k         75 300 $B --preset llama-3.1-8b --batch_size 1 --seq_len 32768 --gc auto $W
+part2 m_8b_bs2         55 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W --profile
 part2 u_8b_bs2         85 300 peer_run 8b --framework unsloth --bs 2 --seq 2048
 part2 u_8b_bs2_gcoff   80 300 peer_run 8b --framework unsloth --bs 2 --seq 2048 --gc off
+part2 m_8b_32k         75 300 $B --preset llama-3.1-8b --batch_size 1 --seq_len 32768 --gc auto $W
 part2 u_8b_32k        100 360 peer_run 8b --framework unsloth --bs 1 --seq 32768
+part2 m_1b_bs8         30 180 $B --preset llama-3.2-1b --batch_size 8 --seq_len 2048 --gc auto $W
+part2 m_1b_bs8_nf4only 30 180 MINILORA_TRITON=nf4 $B --preset llama-3.2-1b --batch_size 8 --seq_len 2048 --gc auto $W
+part2 m_8b_bs2_nf4only 45 240 MINILORA_TRITON=nf4 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
 part3 m_8b_bs2_lean    60 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 6.8 $W
 part3 m_8b_32k_14gb    90 300 $B --preset llama-3.1-8b --batch_size 1 --seq_len 32768 --gc auto --max_memory_gb 14 $W
 part3 m_8b_budget7     60 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 7 $W
@@ -181,6 +186,8 @@ for job, r in rows:
     if r.get("max_memory_gb"):
         gc = f"{gc} <= {r['max_memory_gb']}"
     note = "" if r.get("ok") else r.get("error", "")[:120]
+    if r.get("kernels", "1") != "1":
+        note = f"MINILORA_TRITON={r['kernels']} " + note
     if r.get("predicted_peak_gb"):
         note = f"predicted {r['predicted_peak_gb']:.2f} " + note
     loss = f"{f(r.get('first_loss'), '.3f')}>{f(r.get('last_loss'), '.3f')}"
