@@ -28,7 +28,8 @@ Gradients, with xd = dropout(x), dY [N, out] (W₀ and b are frozen, so they get
 Every product with B or A goes through an [N, r] tensor first, so LoRA costs O(N·r·(in+out)) on top of the
 base matmul. `LoRAFunction` does forward and backward by hand so that the dequantized W₀ is a temporary in
 both passes: autograd would otherwise keep an [out, in] 16-bit copy per layer alive until backward, which is
-the whole memory that 4-bit storage saves. What it saves for backward is xd, xa = xd Aᵀ [N, r], A and B.
+the whole memory that 4-bit storage saves. What it saves for backward is xd, xa = xd Aᵀ [N, r], and A and B
+cast to the activations' dtype (made once in forward, not again in backward).
 
 LoRA weights live in fp32 (the optimizer's master copy, as PEFT keeps them); forward and backward cast them to
 the activations' dtype, and the gradients come back in fp32. Parameter names are PEFT's without the
@@ -70,9 +71,11 @@ class LoRAFunction(torch.autograd.Function):
         if A is None:
             return y
         xd = x if xd is None else xd
-        xa = xd @ A.to(x.dtype).t()  # [N, r]
-        y.addmm_(xa, B.to(x.dtype).t(), alpha=scale)  # + s · xa Bᵀ
-        ctx.save_for_backward(xd, xa, A, B)
+        a, b = A.to(x.dtype), B.to(x.dtype)  # the fp32 masters cast once; backward reuses these casts
+        xa = xd @ a.t()  # [N, r]
+        y.addmm_(xa, b.t(), alpha=scale)  # + s · xa Bᵀ
+        ctx.save_for_backward(xd, xa, a, b)
+        ctx.lora_dtypes = A.dtype, B.dtype
         return y
 
     @staticmethod
@@ -81,9 +84,10 @@ class LoRAFunction(torch.autograd.Function):
         dx = dxd = db = dA = dB = None
         lora = bool(ctx.saved_tensors)
         if lora:
-            xd, xa, A, B = ctx.saved_tensors
-            a = A.to(dy.dtype)  # [r, in]
-            dyb = (dy @ B.to(dy.dtype)).mul_(ctx.scale)  # s · dY B  [N, r]
+            xd, xa, a, b = ctx.saved_tensors  # A [r, in], B [out, r] in the activations' dtype
+            a_dtype, b_dtype = ctx.lora_dtypes
+            a, b = a.to(dy.dtype), b.to(dy.dtype)  # no-ops unless dy's dtype differs from x's
+            dyb = (dy @ b).mul_(ctx.scale)  # s · dY B  [N, r]
         if need_x:
             dx = dy @ _dense(ctx.base, dy.dtype)  # dY W₀  [N, in]
             if lora and ctx.same:
@@ -91,9 +95,9 @@ class LoRAFunction(torch.autograd.Function):
         if need_xd:  # dropout on: the LoRA branch's input gradient flows back through dropout separately
             dxd = dyb @ a
         if need_A:
-            dA = (dyb.t() @ xd).to(A.dtype)  # [r, in]
+            dA = (dyb.t() @ xd).to(a_dtype)  # [r, in]
         if need_B:
-            dB = (dy.t() @ xa).mul_(ctx.scale).to(B.dtype)  # [out, r]
+            dB = (dy.t() @ xa).mul_(ctx.scale).to(b_dtype)  # [out, r]
         if need_b:
             db = dy.sum(0)
         return dx, dxd, None, db, dA, dB, None

@@ -6,16 +6,17 @@ V = 128256 that is 2 + 4 + 4 GB, more than the whole QLoRA-quantised 8B model. H
 fused-linear-cross-entropy (github.com/linkedin/Liger-Kernel, ops/fused_linear_cross_entropy.py), the forward
 walks over row chunks and, for each chunk, computes everything backward will need right away:
 
-    z = h_c W^T                          [c, V]  in the input dtype (tensor cores), upcast to fp32
+    z = h_c W^T                          [c, V]  in the input dtype (tensor cores)
     s = cap * tanh(z / cap)              Gemma 2's final-logit soft-capping (identity when cap is None)
-    loss_c = sum_i logsumexp(s_i) - s_i[y_i]
-    dL/ds = softmax(s) - onehot(y)       [c, V]  fp32
-    dL/dz = dL/ds * (1 - tanh(z/cap)^2)  chain rule through the cap
+    loss_c = sum_i logsumexp(s_i) - s_i[y_i]                      } fp32, in one Triton kernel on CUDA that
+    dL/ds = softmax(s) - onehot(y)                                } writes dL/dz over z in its dtype
+    dL/dz = dL/ds * (1 - tanh(z/cap)^2)  chain rule through the cap }   (kernels/cross_entropy.py)
     grad_h_c = dL/dz @ W                 [c, H]
     grad_W  += dL/dz^T @ h_c             [V, H]  (only when W is trainable)
 
 then drops the chunk's logits. Backward only multiplies the stored gradients by the incoming scalar. Peak extra
-memory is one chunk's logits (a few copies of [c, V]) plus the gradients, instead of several [N, V] tensors.
+memory is one chunk's logits (on CUDA one [c, V] tensor in the input dtype; the CPU reference adds an fp32 copy)
+plus the gradients, instead of several [N, V] tensors.
 
 Only positions with a label are worth a logit: prompt tokens masked with ignore_index are dropped before the
 matmul, which for instruction tuning with long prompts skips most of the work.
@@ -26,6 +27,8 @@ gradient-accumulation window, so every token weighs the same however the tokens 
 from __future__ import annotations
 
 import torch
+
+from minilora.kernels.cross_entropy import ce_loss, ce_loss_and_grad_
 
 # fp32 bytes one chunk's logits may take: big enough that the [c, H] x [H, V] matmul keeps the GPU busy,
 # small enough that the few [c, V] temporaries (bf16 logits, fp32 logits, the bf16 gradient for the matmuls)
@@ -84,25 +87,13 @@ def default_chunk_size(n_rows: int, vocab: int, device: torch.device) -> int:
 
 def _chunk_loss_and_grad(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, softcap: float | None,
                          need_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """For one chunk h [c, H], y [c]: (sum of CE losses, fp32 scalar; d loss / d logits [c, V] fp32 or None).
-    Works in place on one fp32 [c, V] buffer (two with softcap) so the chunk costs as little as possible."""
-    z = (h @ weight.T).float()  # [c, V]; a no-op upcast for fp32 inputs, else the bf16 product is freed
-    t = None
-    if softcap is not None:
-        t = z.div_(softcap).tanh_()  # tanh(z / cap), kept for the derivative
-        z = t * softcap  # [c, V] capped logits
-    target = z.gather(1, y[:, None])  # [c, 1]
-    m = z.amax(1, keepdim=True)  # [c, 1] row max, so exp cannot overflow
-    z.sub_(m).exp_()  # exp(s - m)
-    s = z.sum(1, keepdim=True)  # [c, 1]
-    loss = (m + s.log() - target).sum()  # logsumexp(s) - s[y], summed over the chunk
+    """For one chunk h [c, H], y [c]: (sum of CE losses, fp32 scalar; d loss / d logits [c, V] in h's dtype, or
+    None). kernels/cross_entropy.py does the softmax part: on CUDA one Triton kernel reads the logits twice and
+    writes the gradient over them (no fp32 [c, V] copy); elsewhere the torch reference, in an fp32 buffer."""
+    z = h @ weight.T  # [c, V] in h's dtype (tensor cores)
     if not need_grad:
-        return loss, None
-    z.div_(s)  # softmax(s)
-    z[torch.arange(z.shape[0], device=z.device), y] -= 1  # softmax - onehot = dL/ds
-    if t is not None:
-        z.mul_(t.mul_(t).neg_().add_(1))  # d(cap tanh(z/cap))/dz = 1 - tanh^2
-    return loss, z
+        return ce_loss(z, y, softcap), None
+    return ce_loss_and_grad_(z, y, softcap), z  # z now holds the gradient
 
 
 def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -135,7 +126,7 @@ class _FusedLinearCE(torch.autograd.Function):
             hc, yc = h[start:start + chunk_size], y[start:start + chunk_size]  # [c, H], [c]
             loss_c, g = _chunk_loss_and_grad(hc, weight, yc, softcap, need_grad=True)
             loss += loss_c
-            g = g.to(h.dtype)  # [c, V]: the matmuls run in the input dtype, like the unfused path's backward
+            # g [c, V] is already in h's dtype: the matmuls run in the input dtype, like the unfused path's backward
             if need_h:
                 grad_h[start:start + chunk_size] = g @ weight  # [c, H]
             if need_w:

@@ -131,13 +131,15 @@ def plan_checkpointing(costs: list[LayerCosts], fixed: int, head: int, dy: int, 
 
 def estimate_layer_costs(config: ModelConfig, batch: int, seq: int, dtype_bytes: int = 2,
                          r: int = 16) -> list[LayerCosts]:
-    """Per-layer costs from a count of the tensors minilora's decoder layer saves for backward (bf16: b = 2,
-    N = batch·seq tokens):
+    """Per-layer costs from a count of the tensors minilora's decoder layer saves for backward on the torch
+    reference path, which CPU runs take (bf16: b = 2, N = batch·seq tokens; on CUDA the fused kernels keep less,
+    and `measure_layer_costs` reads that off the device instead):
 
         each RMSNorm       fp32 copy of its input, fp32 rstd; its bf16 output where the next op saves it
                            (the projections after input/pre-MLP norms do; the residual add after Gemma's
                            post-sublayer norms and RoPE after qk_norm multiply by constants and do not)
-        LoRA (7 modules)   xa = x Aᵀ [N, r] each; their inputs are the norms' outputs, counted there
+        LoRA (7 modules)   xa = x Aᵀ [N, r] each; their inputs are the norms' outputs, counted there; A and B
+                           cast to the activations' dtype (none when that is fp32: the parameters themselves)
         attention (SDPA)   q, k, v after RoPE, the output (o_proj's input is a view of it), fp32 logsumexp;
                            RoPE multiplies by constant cos/sin, so nothing more of q or k is kept
         soft-capped        (Gemma 2: explicit scores) q, GQA-repeated k and v, o_proj's input copy, and per
@@ -153,7 +155,8 @@ def estimate_layer_costs(config: ModelConfig, batch: int, seq: int, dtype_bytes:
     def norm(rows, width, output_saved):
         return (4 + (b if output_saved else 0)) * rows * width + 4 * rows
 
-    acts = 2 * norm(N, H, True) + 7 * b * N * r + 4 * b * N * I
+    lora_weights = r * (2 * (H + nh * D) + 2 * (H + nkv * D) + 3 * (H + I))  # A [r, in] + B [out, r], 7 modules
+    acts = 2 * norm(N, H, True) + 7 * b * N * r + (b * lora_weights if b < 4 else 0) + 4 * b * N * I
     if c.sandwich_norm:
         acts += 2 * norm(N, H, False)
     if c.attn_logit_softcapping is None:

@@ -44,21 +44,6 @@ def rope_cos_sin(config: ModelConfig, layer_type: str, position_ids: torch.Tenso
     return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, T, D]; cos/sin [B, T, D]. Rotates the first cos.shape[-1] dims (partial rotary)."""
-    cos, sin = cos[:, None], sin[:, None]
-    d = cos.shape[-1]
-    if d == x.shape[-1]:
-        return x * cos + rotate_half(x) * sin
-    xr, xp = x[..., :d], x[..., d:]
-    return torch.cat((xr * cos + rotate_half(xr) * sin, xp), dim=-1)
-
-
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, q_doc: torch.Tensor | None,
                    k_doc: torch.Tensor | None, window: int | None) -> torch.Tensor:
     """Boolean [B, 1, T, S], True where query may attend key: causal by position, within the same packed

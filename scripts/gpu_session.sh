@@ -6,9 +6,10 @@
 #                                       # issue 3's 8B 4-bit load footprint
 #   bash scripts/gpu_session.sh part2   # the kernels against their references on the GPU; the 8B rows of issue 6,
 #                                       # minilora and Unsloth side by side; fused kernels on/off (MINILORA_TRITON)
-#   bash scripts/gpu_session.sh part3   # the 8B rows under a budget (6.8 GB, 14 GB at 32k) and the budget curve
-#                                       # (7/10/14/20 GB); HF+PEFT rows; offload alone; the other presets
-#   bash scripts/gpu_session.sh part4   # long context: 8B at batch 1 x 65536 / 131072 tokens
+#   bash scripts/gpu_session.sh part3   # every kernel on the GPU; the 1B and 8B rows with all kernels; the 8B budget
+#                                       # curve (6.8/7/10/14/20 GB) and 32k at 14 GB; Unsloth beside the 8B and 1B bs 8
+#                                       # rows; 8B at 64k tokens
+#   bash scripts/gpu_session.sh part4   # not yet run: HF+PEFT rows, the other presets, 8B at 128k, Unsloth at 64k
 #   bash scripts/gpu_session.sh part0   # CPU self-test of this script (tiny model, no peers), any machine
 #   bash scripts/gpu_session.sh run NAME...   # only these jobs (e.g. the ones a part skipped for time)
 #   bash scripts/gpu_session.sh list          # every job, its part, expected seconds and command
@@ -60,19 +61,25 @@ part2 u_8b_32k        100 360 peer_run 8b --framework unsloth --bs 1 --seq 32768
 part2 m_1b_bs8         30 180 $B --preset llama-3.2-1b --batch_size 8 --seq_len 2048 --gc auto $W
 part2 m_1b_bs8_nf4only 30 180 MINILORA_TRITON=nf4 $B --preset llama-3.2-1b --batch_size 8 --seq_len 2048 --gc auto $W
 part2 m_8b_bs2_nf4only 45 240 MINILORA_TRITON=nf4 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
-part3 m_8b_bs2_lean    60 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 6.8 $W
-part3 m_8b_32k_14gb    90 300 $B --preset llama-3.1-8b --batch_size 1 --seq_len 32768 --gc auto --max_memory_gb 14 $W
-part3 m_8b_budget7     60 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 7 $W
-part3 m_8b_budget10    60 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 10 $W
-part3 m_8b_budget14    60 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 14 $W
-part3 m_8b_budget20    60 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 20 $W
-part3 h_8b_bs2        120 360 peer_run 8b --framework hf --bs 2 --seq 2048
-part3 h_1b_bs2         60 300 peer_run 1b --framework hf --bs 2 --seq 2048
-part3 m_8b_bs2_offload 60 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc offload $W
-part3 m_qwen7b_bs2     60 240 $B --preset qwen2.5-7b --batch_size 2 --seq_len 2048 --gc auto $W
-part3 m_gemma9b_bs2    70 240 $B --preset gemma-2-9b --batch_size 2 --seq_len 2048 --gc auto $W
-part3 m_mistral7b_bs2  60 240 $B --preset mistral-7b --batch_size 2 --seq_len 2048 --gc auto $W
-part4 m_8b_64k        150 300 $B --preset llama-3.1-8b --batch_size 1 --seq_len 65536 --gc auto --warmup 1 --steps 2
+part3 kcheck           25  90 python3 tests/gpu_check_kernels.py
+part3 m_1b_bs2         20 180 $B --preset llama-3.2-1b --batch_size 2 --seq_len 2048 --gc auto $W
+part3 m_1b_bs8         20 180 $B --preset llama-3.2-1b --batch_size 8 --seq_len 2048 --gc auto $W
+part3 m_8b_bs2         30 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W --profile
+part3 m_8b_bs2_lean    30 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 6.8 $W
+part3 m_8b_budget7     30 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 7 $W
+part3 m_8b_budget10    30 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 10 $W
+part3 m_8b_budget14    30 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 14 $W
+part3 m_8b_budget20    30 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 20 $W
+part3 m_8b_32k_14gb    70 300 $B --preset llama-3.1-8b --batch_size 1 --seq_len 32768 --gc auto --max_memory_gb 14 $W
+part3 p_8b_make        45 300 peer_make 8b
+part3 u_8b_bs2_gcoff   55 300 peer_run 8b --framework unsloth --bs 2 --seq 2048 --gc off
+part3 u_1b_bs8         60 300 peer_run 1b --framework unsloth --bs 8 --seq 2048
+part3 m_8b_64k        100 240 $B --preset llama-3.1-8b --batch_size 1 --seq_len 65536 --gc auto --warmup 1 --steps 2
+part4 h_8b_bs2        120 360 peer_run 8b --framework hf --bs 2 --seq 2048
+part4 h_1b_bs2         60 300 peer_run 1b --framework hf --bs 2 --seq 2048
+part4 m_qwen7b_bs2     40 240 $B --preset qwen2.5-7b --batch_size 2 --seq_len 2048 --gc auto $W
+part4 m_gemma9b_bs2    50 240 $B --preset gemma-2-9b --batch_size 2 --seq_len 2048 --gc auto $W
+part4 m_mistral7b_bs2  40 240 $B --preset mistral-7b --batch_size 2 --seq_len 2048 --gc auto $W
 part4 m_8b_128k       240 400 $B --preset llama-3.1-8b --batch_size 1 --seq_len 131072 --gc auto --warmup 1 --steps 1
 part4 u_8b_64k        150 300 peer_run 8b --framework unsloth --bs 1 --seq 65536 --warmup 1 --steps 2
 EOF

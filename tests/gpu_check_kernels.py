@@ -13,8 +13,12 @@ import sys
 
 import torch
 
+from minilora.config import ModelConfig
+from minilora.kernels.cross_entropy import ce_loss_and_grad_reference_, ce_loss_and_grad_triton_, ce_loss_triton
 from minilora.kernels.gated_act import GatedActFunction, gated_act_reference
 from minilora.kernels.rmsnorm import RMSNormFunction, rmsnorm_reference
+from minilora.kernels.rope import RopeFunction, rope_reference
+from minilora.models.common import rope_cos_sin
 
 FAILED = []
 
@@ -58,6 +62,26 @@ def main():
             compare(f"gated_act {act} [4096, 14336] {dtype}",
                     outputs_and_grads(lambda a, b: GatedActFunction.apply(a, b, act), [gate, up]),
                     outputs_and_grads(lambda a, b: gated_act_reference(a, b, act), [gate, up]), dtype)
+        config = ModelConfig.from_hf(dict(model_type="llama", vocab_size=10, hidden_size=4096, intermediate_size=8,
+                                          num_hidden_layers=1, num_attention_heads=32, rope_theta=500000.0))
+        pos = torch.arange(4096, device=dev).view(2, 2048)
+        cos, sin = rope_cos_sin(config, "full_attention", pos, dtype)
+        for heads in (32, 8):
+            q = torch.randn(2, 2048, heads, 128, generator=g, device=dev).to(dtype)
+            compare(f"rope [2, 2048, {heads}, 128] {dtype}",
+                    outputs_and_grads(lambda x: RopeFunction.apply(x, cos, sin), [q]),
+                    outputs_and_grads(lambda x: rope_reference(x, cos, sin), [q]), dtype)
+        for cap in (None, 30.0):  # the loss head: 1024 rows of Llama 3's vocabulary
+            z = torch.randn(1024, 128256, generator=g, device=dev).mul_(4).to(dtype)
+            y = torch.randint(0, 128256, (1024,), generator=g, device=dev)
+            z_ref, z_tri = z.clone(), z.clone()
+            loss_only = ce_loss_triton(z, y, cap)
+            loss_ref = ce_loss_and_grad_reference_(z_ref, y, cap)
+            loss_tri = ce_loss_and_grad_triton_(z_tri, y, cap)
+            compare(f"cross_entropy [1024, 128256] cap {cap} {dtype}", [loss_tri.view(1), z_tri],
+                    [loss_ref.view(1), z_ref], torch.float32 if dtype == torch.float32 else dtype)
+            compare(f"cross_entropy loss only, cap {cap} {dtype}", [loss_only.view(1)], [loss_ref.view(1)],
+                    torch.float32)
     print("FAILED: " + ", ".join(FAILED) if FAILED else "all kernels within tolerance")
     sys.exit(1 if FAILED else 0)
 
