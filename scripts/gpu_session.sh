@@ -61,20 +61,22 @@ part2 u_8b_32k        100 360 peer_run 8b --framework unsloth --bs 1 --seq 32768
 part2 m_1b_bs8         30 180 $B --preset llama-3.2-1b --batch_size 8 --seq_len 2048 --gc auto $W
 part2 m_1b_bs8_nf4only 30 180 MINILORA_TRITON=nf4 $B --preset llama-3.2-1b --batch_size 8 --seq_len 2048 --gc auto $W
 part2 m_8b_bs2_nf4only 45 240 MINILORA_TRITON=nf4 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
-part3 kcheck           25  90 python3 tests/gpu_check_kernels.py
-part3 m_1b_bs2         20 180 $B --preset llama-3.2-1b --batch_size 2 --seq_len 2048 --gc auto $W
-part3 m_1b_bs8         20 180 $B --preset llama-3.2-1b --batch_size 8 --seq_len 2048 --gc auto $W
-part3 m_8b_bs2         30 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W --profile
-part3 m_8b_bs2_lean    30 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 6.8 $W
-part3 m_8b_budget7     30 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 7 $W
-part3 m_8b_budget10    30 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 10 $W
-part3 m_8b_budget14    30 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 14 $W
-part3 m_8b_budget20    30 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 20 $W
-part3 m_8b_32k_14gb    70 300 $B --preset llama-3.1-8b --batch_size 1 --seq_len 32768 --gc auto --max_memory_gb 14 $W
+part3 kcheck           15  90 python3 tests/gpu_check_kernels.py
+part3 m_1b_bs2         17 180 $B --preset llama-3.2-1b --batch_size 2 --seq_len 2048 --gc auto $W
+part3 m_1b_bs8         17 180 $B --preset llama-3.2-1b --batch_size 8 --seq_len 2048 --gc auto $W
+part3 m_8b_bs2         25 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W --profile
+part3 m_8b_bs2_lean    25 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 6.8 $W
+part3 m_8b_budget7     25 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 7 $W
+part3 m_8b_budget10    25 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 10 $W
+part3 m_8b_budget14    25 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 14 $W
+part3 m_8b_budget20    25 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 20 $W
+part3 m_8b_32k_14gb    60 300 $B --preset llama-3.1-8b --batch_size 1 --seq_len 32768 --gc auto --max_memory_gb 14 $W
 part3 p_8b_make        45 300 peer_make 8b
 part3 u_8b_bs2_gcoff   55 300 peer_run 8b --framework unsloth --bs 2 --seq 2048 --gc off
 part3 u_1b_bs8         60 300 peer_run 1b --framework unsloth --bs 8 --seq 2048
 part3 m_8b_64k        100 240 $B --preset llama-3.1-8b --batch_size 1 --seq_len 65536 --gc auto --warmup 1 --steps 2
+part3 m_1b_bs8_norope  17 180 MINILORA_TRITON=nf4,rmsnorm,gated_act $B --preset llama-3.2-1b --batch_size 8 --seq_len 2048 --gc auto $W
+part3 m_8b_bs2_norope  22 240 MINILORA_TRITON=nf4,rmsnorm,gated_act $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
 part4 h_8b_bs2        120 360 peer_run 8b --framework hf --bs 2 --seq 2048
 part4 h_1b_bs2         60 300 peer_run 1b --framework hf --bs 2 --seq 2048
 part4 m_qwen7b_bs2     40 240 $B --preset qwen2.5-7b --batch_size 2 --seq_len 2048 --gc auto $W
