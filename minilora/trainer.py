@@ -61,6 +61,7 @@ class TrainArgs:
     eval_steps: int = 0  # 0: eval only at the start and the end
     save_steps: int = 0  # 0: no intermediate checkpoints
     save_total_limit: int = 2  # <= 0: keep every checkpoint
+    ce_chunk_size: int | None = None  # rows per loss-head chunk (None: the loss's default; auto checkpointing sets it)
 
     def __post_init__(self):
         if self.lr_scheduler_type not in SCHEDULERS:
@@ -96,13 +97,13 @@ def lr_lambda(args: TrainArgs, total_steps: int) -> Callable[[int], float]:
     return f
 
 
-def batch_loss_sum(model, batch: dict) -> torch.Tensor:
+def batch_loss_sum(model, batch: dict, chunk_size: int | None = None) -> torch.Tensor:
     """Sum of per-token CE over the batch's labelled positions (fp32). Logits exist only there, chunk by chunk."""
     device = model.lm_head.weight.device
     hidden = model.hidden_states(batch["input_ids"].to(device),
                                  batch["position_ids"].to(device) if "position_ids" in batch else None)
     return chunked_cross_entropy(hidden, model.lm_head.weight, batch["labels"].to(device),
-                                 softcap=model.config.final_logit_softcapping)
+                                 softcap=model.config.final_logit_softcapping, chunk_size=chunk_size)
 
 
 def n_label_tokens(batch: dict) -> int:
@@ -201,7 +202,7 @@ class Trainer:
         total = 0.0
         try:
             for b in window:
-                loss = batch_loss_sum(self.model, b) / n_labels
+                loss = batch_loss_sum(self.model, b, self.args.ce_chunk_size) / n_labels
                 total += loss.item()
                 if not math.isfinite(total):
                     raise TrainingError(self._not_finite(f"loss is {total}"))

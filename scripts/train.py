@@ -27,6 +27,7 @@ from minilora.generation import generate
 from minilora.hub import resolve_checkpoint
 from minilora.loading import load_model
 from minilora.lora import DEFAULT_TARGETS, inject_lora, lora_parameters
+from minilora.memory_policy import GiB, MemoryBudgetError, auto_checkpointing
 from minilora.pypi_models import pypi_gguf
 from minilora.tokenizer import Tokenizer
 from minilora.trainer import Trainer, TrainArgs, TrainingError
@@ -71,7 +72,10 @@ g.add_argument("--learning_rate", type=float, default=1e-3)
 g.add_argument("--weight_decay", type=float, default=0.0)
 g.add_argument("--lr_scheduler_type", default="linear", choices=["linear", "cosine", "constant"])
 g.add_argument("--max_grad_norm", type=float, default=1.0)
-g.add_argument("--gradient_checkpointing", default="off", choices=["off", "recompute", "offload"])
+g.add_argument("--gradient_checkpointing", default="auto", choices=["auto", "off", "recompute", "offload"],
+               help="per decoder layer; auto: as many layers un-checkpointed as --max_memory_gb allows")
+g.add_argument("--max_memory_gb", type=float, default=None,
+               help="auto checkpointing's budget of peak allocated GiB (default: what the device has free)")
 g.add_argument("--seed", type=int, default=3407)
 g = p.add_argument_group("logging and output")
 g.add_argument("--logging_steps", type=int, default=1)
@@ -122,7 +126,6 @@ targets = args.target_modules if args.target_modules == "all-linear" else args.t
 inject_lora(model, r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=targets,
             use_rslora=args.use_rslora, modules_to_save=[m for m in args.modules_to_save.split(",") if m],
             seed=args.seed)
-set_checkpointing(model, args.gradient_checkpointing)
 params = [p for p in model.parameters() if p.requires_grad]
 print(f"loaded {model_source} ({model.config.model_type}, {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M "
       f"params) in {time.perf_counter() - t0:.1f}s; training {sum(p.numel() for p in params) / 1e6:.2f}M "
@@ -150,6 +153,22 @@ if eval_rows:
                                 pad_token_id=tokenizer.pad_token_id)(0)
 batches = EpochBatches(train_examples, args.per_device_train_batch_size, args.seed, packing=args.packing,
                        max_seq_length=args.max_seq_length, pad_token_id=tokenizer.pad_token_id)
+
+# --- activation checkpointing: per layer, planned for the largest micro-batch -------------------------------------
+ce_chunk_size = None
+if args.gradient_checkpointing == "auto":
+    # packed rows are always max_seq_length long; padded batches are as long as their longest example
+    seq = args.max_seq_length if args.packing else min(args.max_seq_length, stats.longest)
+    budget = None if args.max_memory_gb is None else int(args.max_memory_gb * GiB)
+    try:
+        plan = auto_checkpointing(model, args.per_device_train_batch_size, seq, budget)
+    except MemoryBudgetError as e:
+        sys.exit(f"--max_memory_gb: {e}")
+    print(f"auto checkpointing for {args.per_device_train_batch_size} x {seq} tokens: {plan}")
+    set_checkpointing(model, plan.modes)
+    ce_chunk_size = plan.ce_chunk_size
+else:
+    set_checkpointing(model, args.gradient_checkpointing)
 
 
 # --- before/after: exact-match answers on held-out conversations --------------------------------------------------
@@ -188,7 +207,8 @@ train_args = TrainArgs(
     gradient_accumulation_steps=args.gradient_accumulation_steps, learning_rate=args.learning_rate,
     weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, warmup_steps=args.warmup_steps,
     max_steps=args.max_steps, num_train_epochs=args.num_train_epochs, lr_scheduler_type=args.lr_scheduler_type,
-    seed=args.seed, logging_steps=args.logging_steps, eval_steps=args.eval_steps, save_steps=args.save_steps)
+    seed=args.seed, logging_steps=args.logging_steps, eval_steps=args.eval_steps, save_steps=args.save_steps,
+    ce_chunk_size=ce_chunk_size)
 trainer = Trainer(model, params, batches, train_args, eval_batches=eval_batches,
                   adapter_meta={"base_model_name_or_path": model_source})
 if args.resume:

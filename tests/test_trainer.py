@@ -335,6 +335,21 @@ def test_fp16_uses_loss_scaling(tiny_dir, tmp_path):
 
 
 # --- scripts/train.py end to end (real SmolLM2 GGUF) ---------------------------------------------------------------
+LAST_STDOUT = [""]
+
+
+@pytest.mark.slow
+def test_train_script_refuses_a_budget_it_cannot_fit(tmp_path):
+    """--max_memory_gb below what even a fully offloaded step needs: a clear exit before any training or output."""
+    out = tmp_path / "run"
+    p = subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), "--max_memory_gb", "0.01",
+                        "--max_steps", "1", "--output_dir", str(out)], capture_output=True, text=True, timeout=600)
+    print(p.stdout[-800:], p.stderr[-800:])
+    assert p.returncode != 0
+    assert "--max_memory_gb: memory budget 10.2 MiB is too small" in p.stderr, p.stderr[-2000:]
+    assert not out.exists() or not any(out.iterdir())
+
+
 @pytest.mark.slow
 def test_train_script_writes_adapter_and_resumes(tmp_path):
     out, small_eval = tmp_path / "run", tmp_path / "eval.jsonl"
@@ -347,9 +362,11 @@ def test_train_script_writes_adapter_and_resumes(tmp_path):
         p = subprocess.run(cmd + list(extra), capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
         print(p.stdout[-1500:])
+        LAST_STDOUT[:] = [p.stdout]
         return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
     first = run("--exact_match", "2")
+    assert "auto checkpointing for 4 x 52 tokens: offx30" in LAST_STDOUT[0]  # the default policy, planned on CPU: no layer checkpointed
     names = {f.name for f in out.iterdir()}
     assert {"adapter_model.safetensors", "adapter_config.json", "metrics.jsonl", "checkpoint-1"} <= names
     assert names & {"tokenizer.json", "tokenizer.model"} and "tokenizer_config.json" in names
