@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,6 +11,17 @@ import torch
 from minilora.pypi_models import cache_dir, pypi_gguf
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def run_interpreted(script: str, out_path) -> dict:
+    """Run `script` in a fresh Python with TRITON_INTERPRET=1 and return what it torch.saved to sys.argv[1]
+    (sys.argv[2] is this folder, for its imports). A fresh process because triton.jit reads the flag when it
+    decorates a kernel, and other test modules import the kernels before any test runs."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", script, str(out_path), os.path.dirname(__file__)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    return torch.load(out_path)
 
 
 def report(name: str, a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:

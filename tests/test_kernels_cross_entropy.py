@@ -13,16 +13,13 @@ interpreter may truncate fp32 -> bf16 where torch and GPUs round to nearest), th
 compute in fp32 from the same upcast logits, so it is in fact much closer)."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import report
+from conftest import report, run_interpreted
 from minilora.kernels.cross_entropy import (BLOCK, ce_loss, ce_loss_and_grad_, ce_loss_and_grad_reference_,
                                             ce_loss_and_grad_triton_, ce_loss_reference)
 
@@ -84,14 +81,8 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def triton_out(tmp_path_factory):
-    """TRITON_INTERPRET must be set before the kernel module is imported (triton.jit reads it at decoration),
-    and this test module imports it first, so the Triton path runs in a fresh interpreter, once for all cases."""
-    path = tmp_path_factory.mktemp("cross_entropy") / "out.pt"
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", INTERPRETER_SCRIPT, str(path),
-                           os.path.dirname(__file__)], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    return torch.load(path)
+    """The Triton path of every case, run once in the interpreter (see conftest.run_interpreted)."""
+    return run_interpreted(INTERPRETER_SCRIPT, tmp_path_factory.mktemp("cross_entropy") / "out.pt")
 
 
 def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -10,16 +10,13 @@ one ulp, not half); and within 2**-6 relative of torch's bf16 composition, which
 product, so the two may sit two roundings apart."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import report
+from conftest import report, run_interpreted
 from minilora.kernels.gated_act import ACTIVATIONS, gated_act, gated_act_reference
 
 # name -> (shape, dtype, activation); numels not multiples of the 1024-element BLOCK, several programs, one value
@@ -96,14 +93,8 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def triton_out(tmp_path_factory):
-    """TRITON_INTERPRET must be set before the kernel module is imported (triton.jit reads it at decoration),
-    and other tests import it first, so the Triton path runs in a fresh interpreter, once for all cases."""
-    path = tmp_path_factory.mktemp("gated_act") / "out.pt"
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", INTERPRETER_SCRIPT, str(path),
-                           os.path.dirname(__file__)], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    return torch.load(path)
+    """The Triton path of every case, run once in the interpreter (see conftest.run_interpreted)."""
+    return run_interpreted(INTERPRETER_SCRIPT, tmp_path_factory.mktemp("gated_act") / "out.pt")
 
 
 def close(name, ours, ref, rtol, atol):

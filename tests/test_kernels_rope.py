@@ -9,15 +9,12 @@ On a GPU the same bits are expected (the bf16 rounding is done on the bits, fp32
 only the interpreter is tested here."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
-from conftest import report
+from conftest import report, run_interpreted
 from minilora.config import ModelConfig
 from minilora.kernels.rope import RopeFunction, _fusable, rope, rope_forward_triton, rope_reference
 from minilora.models.common import rope_cos_sin
@@ -133,14 +130,8 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def triton_out(tmp_path_factory):
-    """TRITON_INTERPRET must be set before the kernel module is imported (triton.jit reads it at decoration),
-    and other tests import it first, so the Triton path runs in a fresh interpreter, once for all cases."""
-    path = tmp_path_factory.mktemp("rope") / "out.pt"
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", INTERPRETER_SCRIPT, str(path),
-                           os.path.dirname(__file__)], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    return torch.load(path)
+    """The Triton path of every case, run once in the interpreter (see conftest.run_interpreted)."""
+    return run_interpreted(INTERPRETER_SCRIPT, tmp_path_factory.mktemp("rope") / "out.pt")
 
 
 def equal(name: str, ours: torch.Tensor, ref: torch.Tensor):
