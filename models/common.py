@@ -97,8 +97,13 @@ class GatedMLP(nn.Module):
         self.activation = GATED_ACTIVATIONS[config.hidden_act]
 
     def forward(self, x):
+        g, u = self.gate_proj(x), self.up_proj(x)  # [B, T, I] each
+        # A LoRALinear down_proj (minilora/lora.py) takes g and u itself: on CUDA it fuses the activation into
+        # its autograd Function and recomputes act(g) * u in backward instead of keeping it.
+        if hasattr(self.down_proj, "forward_gated"):
+            return self.down_proj.forward_gated(g, u, self.activation)
         # kernels/gated_act.py: act(g) * u fused on CUDA, keeping g and u for backward instead of g, u and act(g)
-        return self.down_proj(gated_act(self.gate_proj(x), self.up_proj(x), self.activation))
+        return self.down_proj(gated_act(g, u, self.activation))
 
 
 class KVCache:

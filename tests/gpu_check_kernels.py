@@ -18,6 +18,7 @@ from minilora.kernels.cross_entropy import ce_loss_and_grad_reference_, ce_loss_
 from minilora.kernels.gated_act import GatedActFunction, gated_act_reference
 from minilora.kernels.rmsnorm import RMSNormFunction, rmsnorm_reference
 from minilora.kernels.rope import RopeFunction, rope_reference
+from minilora.lora import GatedLoRAFunction, LoRAFunction, LoRALinear
 from minilora.models.common import rope_cos_sin
 
 FAILED = []
@@ -62,6 +63,19 @@ def main():
             compare(f"gated_act {act} [4096, 14336] {dtype}",
                     outputs_and_grads(lambda a, b: GatedActFunction.apply(a, b, act), [gate, up]),
                     outputs_and_grads(lambda a, b: gated_act_reference(a, b, act), [gate, up]), dtype)
+        if dtype == torch.bfloat16:  # the 8B MLP's down_proj in NF4 with LoRA r=16, fused with its activation
+            m = LoRALinear(14336, 4096, False, r=16, lora_alpha=16, device=dev)
+            m.set_base_weight(torch.randn(4096, 14336, generator=g, device=dev).mul_(0.02).to(dtype), quantize=True)
+            torch.nn.init.normal_(m.lora_B.weight, std=0.02)
+            gate = torch.randn(4096, 14336, generator=g, device=dev).to(dtype)
+            up = torch.randn(4096, 14336, generator=g, device=dev).to(dtype)
+            lora = [m.lora_A.weight, m.lora_B.weight]
+            compare("down_proj(gated_act) fused [4096, 14336] nf4",
+                    outputs_and_grads(lambda a, b, A, B: GatedLoRAFunction.apply(a, b, "silu", m.nf4, None, A, B,
+                                                                                 m.scaling), [gate, up, *lora]),
+                    outputs_and_grads(lambda a, b, A, B: LoRAFunction.apply(GatedActFunction.apply(a, b, "silu"),
+                                                                            None, m.nf4, None, A, B, m.scaling),
+                                      [gate, up, *lora]), dtype)
         config = ModelConfig.from_hf(dict(model_type="llama", vocab_size=10, hidden_size=4096, intermediate_size=8,
                                           num_hidden_layers=1, num_attention_heads=32, rope_theta=500000.0))
         pos = torch.arange(4096, device=dev).view(2, 2048)

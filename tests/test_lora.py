@@ -352,3 +352,66 @@ def test_replace_linears_for_4bit_on_meta():
         q.set_base_weight(torch.zeros(3, 32), quantize=False)
     with pytest.raises(ValueError, match="available names"):
         replace_linears_for_4bit(model, ["qkv_proj"])
+
+
+# --- the down projection fused with the gated activation (CUDA path, run in Triton's interpreter) ---
+
+GATED_SCRIPT = """
+import sys
+sys.path.insert(0, sys.argv[2])
+import torch
+from test_lora import lora_layer, randn
+from minilora.kernels.gated_act import gated_act_reference
+from minilora.lora import GatedLoRAFunction, LoRALinear
+
+out = {}
+for r in (0, 4):
+    for quantize in (False, True):
+        for act in ("silu", "gelu_tanh"):
+            if r:
+                m = lora_layer(inp=96, out=48, r=r, quantize=quantize)
+            else:  # a frozen 4-bit (or 16-bit) linear without LoRA
+                m = LoRALinear(96, 48, True)
+                m.set_base_weight(randn(48, 96, seed=1, scale=0.1), quantize=quantize)
+                m.bias.data.copy_(randn(48, seed=2))
+            g0, u0, dy = randn(2, 5, 96, seed=5, scale=2), randn(2, 5, 96, seed=6), randn(2, 5, 48, seed=7)
+            res = {}
+            for path in ("fused", "composed"):
+                g, u = g0.clone().requires_grad_(), u0.clone().requires_grad_()
+                saved = []
+                with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t,
+                                                              lambda t: t):
+                    if path == "fused":  # what LoRALinear.forward_gated does on CUDA
+                        base = m.nf4 if m.nf4 is not None else m.weight
+                        a, b = (m.lora_A.weight, m.lora_B.weight) if r else (None, None)
+                        y = GatedLoRAFunction.apply(g.view(-1, 96), u.view(-1, 96), act, base, m.bias, a, b,
+                                                    m.scaling).view(2, 5, 48)
+                    else:
+                        y = m(gated_act_reference(g, u, act))
+                params = [p for p in m.parameters() if p.requires_grad]
+                grads = torch.autograd.grad(y, [g, u, *params], dy)
+                res[path] = dict(y=y.detach(), grads=grads, n_activation_sized=sum(s[-1] == 96 and s[0] != 4
+                                                                                  for s in saved))
+            out[(r, quantize, act)] = res
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_gated_down_projection_matches_composition_and_keeps_less(tmp_path):
+    """GatedLoRAFunction (down_proj(act(g) * u) in one Function, Triton activation kernels in the interpreter)
+    against the module applied to the torch activation: the output and the gradients of g, u, A and B, with and
+    without LoRA, 16-bit and NF4 bases, both activations; and it keeps two [N, I] tensors (g, u) where the composition keeps h too."""
+    from conftest import run_interpreted
+
+    out = run_interpreted(GATED_SCRIPT, tmp_path / "out.pt")
+    for (r, quantize, act), res in out.items():
+        tag = f"r={r} {'nf4' if quantize else 'fp32'} {act}"
+        fused, composed = res["fused"], res["composed"]
+        # fp32 rounding relative to the largest value: the kernel's gelu is a different (exact) formula than torch's
+        for name, a, b in zip(["y", "dg", "du", "dA", "dB"], [fused["y"], *fused["grads"]],
+                              [composed["y"], *composed["grads"]]):
+            check(f"{tag} {name}", a, b, 1e-5 * max(1.0, b.abs().max().item()))
+        print(f"{tag}: [N, I] tensors kept {fused['n_activation_sized']} fused, "
+              f"{composed['n_activation_sized']} composed")
+        # composed: the torch activation keeps g, act(g) and u, and a LoRA down_proj its input h as well
+        assert fused["n_activation_sized"] == 2 and composed["n_activation_sized"] == (4 if r else 3)
