@@ -29,7 +29,7 @@ transformers writes them. Beside them: config.json (without quantization_config,
 NF4 with double-quantized absmax, byte for byte as bitsandbytes would quantize the 16-bit merge (minilora.nf4),
 and stores it in bitsandbytes' serialized layout. Re-quantizing loses accuracy against the 16-bit merge.
 
-Every save goes into a temporary directory renamed at the end (minilora.adapter.save_atomic): an interrupted
+Every save goes into a temporary directory renamed at the end (minilora.atomic.save_atomic): an interrupted
 export leaves no directory that looks complete, and an existing output is replaced only with overwrite=True.
 """
 from __future__ import annotations
@@ -46,11 +46,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from minilora.adapter import (adapter_state_dict, lora_modules, read_adapter_config, read_adapter_weights,
-                              save_atomic)
+from minilora.adapter import adapter_state_dict, lora_modules, read_adapter_config, read_adapter_weights
+from minilora.atomic import save_atomic
 from minilora.hub import resolve_checkpoint
-from minilora.loading import BNB_SUFFIX, PROJECTIONS, WeightFiles
-from minilora.nf4 import DTYPE_NAMES, dequantize_nf4, nf4_from_bnb_state, nf4_to_bnb_state, quantize_nf4
+from minilora.loading import PROJECTIONS, WeightFiles
+from minilora.nf4 import (BNB_NF4_STATE, DTYPE_NAMES, bnb_meta, bnb_nf4_modules, dequantize_nf4, is_bnb_state_key,
+                          nf4_to_bnb_state, quantize_nf4)
 
 DEFAULT_SHARD_SIZE = "5GB"
 SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
@@ -129,40 +130,25 @@ class BaseCheckpoint:
         for path in sorted(set(self.files.key_file.values())):
             self.header.update(safetensors_header(path))
         # modules stored in bitsandbytes' NF4 layout: "<module>.weight" plus "<module>.weight.<quant state>"
-        self.bnb = {k[: -len(".weight" + BNB_SUFFIX)] for k in self.header if k.endswith(".weight" + BNB_SUFFIX)}
+        self.bnb = set(bnb_nf4_modules(self.header))
         q = self.config.get("quantization_config")
         if q and not (q.get("quant_method") == "bitsandbytes" and q.get("load_in_4bit") and self.bnb):
             raise ValueError(f"{config_path}: quantization_config {q.get('quant_method')!r}: only 16-bit and "
                              f"bitsandbytes 4-bit base checkpoints can be merged")
         # the tensors to write, in file order (sequential reads); a 4-bit weight's quant state travels with it
-        self.keys = sorted((k for k in self.header if not self.is_bnb_extra(k)),
+        self.keys = sorted((k for k in self.header if not is_bnb_state_key(k, self.bnb)),
                            key=lambda k: (str(self.files.key_file[k]), k))
-
-    def is_bnb_extra(self, key: str) -> bool:
-        head, sep, _ = key.partition(".weight.")
-        return bool(sep) and head in self.bnb
-
-    def bnb_meta(self, key: str) -> dict:
-        return json.loads(bytes(self.files.get(key + BNB_SUFFIX).tolist()).decode())
 
     def shape_dtype(self, key: str) -> tuple[list[int], torch.dtype | None]:
         """What the tensor is when 16-bit: a 4-bit weight's original shape and dtype come from its quant state."""
         if key.removesuffix(".weight") in self.bnb:
-            meta = self.bnb_meta(key)
+            meta = bnb_meta(self.files.get(key + BNB_NF4_STATE))
             return meta["shape"], getattr(torch, meta["dtype"])
         h = self.header[key]
         return h["shape"], SAFETENSORS_DTYPES.get(h["dtype"])
 
     def get(self, key: str) -> torch.Tensor:
         return self.files.get(key)
-
-    def nf4(self, key: str):
-        state = {k: self.files.get(k) for k in self.header if k == key or k.startswith(key + ".")}
-        return nf4_from_bnb_state(state, prefix=key, where=str(self.files.key_file[key]))
-
-    def bnb_state(self, key: str) -> dict[str, torch.Tensor]:
-        """A 4-bit weight's tensors as stored: the packed bytes and every quant-state tensor."""
-        return {k: self.files.get(k) for k in self.header if k == key or k.startswith(key + ".")}
 
 
 def check_adapter_fits(weights: LoRAWeights, base: BaseCheckpoint):
@@ -208,8 +194,8 @@ def output_tensors(key: str, base: BaseCheckpoint, weights: LoRAWeights, four_bi
     module = key.removesuffix(".weight")
     if module in base.bnb:
         if four_bit and module not in weights.lora:
-            return base.bnb_state(key)  # untouched 4-bit weight: its NF4 bytes as they are, no second rounding
-        q = base.nf4(key)
+            return base.files.bnb_state(key)  # untouched 4-bit weight: its NF4 bytes as they are, no second rounding
+        q = base.files.nf4(key)
         w0, dtype = dequantize_nf4(q, torch.float32), q.dtype
     else:
         w0 = base.get(key)

@@ -25,10 +25,10 @@ from minilora.hub import resolve_checkpoint
 from minilora.lora import DEFAULT_TARGETS as PROJECTIONS  # the seven projections a 4-bit load quantizes
 from minilora.lora import LoRALinear, replace_linears_for_4bit
 from minilora.models import build_model
+from minilora.nf4 import NF4Tensor, bnb_nf4_modules, is_bnb_state_key, nf4_from_bnb_state
 
 # Keys some checkpoints carry that are not weights (old Llama exports saved RoPE's inverse frequencies).
 IGNORED_KEYS = re.compile(r"\.rotary_emb\.inv_freq$")
-BNB_SUFFIX = ".quant_state.bitsandbytes__nf4"
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "consolidated.00.pth")
 
 
@@ -101,6 +101,15 @@ class WeightFiles:
         except Exception as e:
             raise CheckpointError(f"{self.key_file[key]}: cannot read tensor {key!r} ({e})") from None
 
+    def bnb_state(self, key: str) -> dict[str, torch.Tensor]:
+        """A bitsandbytes 4-bit weight's tensors as stored: `key` (the packed bytes) and its `key.*` quant state."""
+        return {k: self.get(k) for k in self.key_file if k == key or k.startswith(key + ".")}
+
+    def nf4(self, key: str) -> NF4Tensor:
+        """A bitsandbytes 4-bit weight as an NF4Tensor; an unsupported variant (FP4, no nested absmax, another
+        blocksize) or a missing or misshapen tensor raises ValueError naming the file and the tensor."""
+        return nf4_from_bnb_state(self.bnb_state(key), prefix=key, where=str(self.key_file[key]))
+
 
 def load_model(source, device="cpu", dtype: torch.dtype | None = None, load_in_4bit: bool = False,
                allow_pickle: bool = False) -> nn.Module:
@@ -137,7 +146,7 @@ def _bnb_modules(config: ModelConfig, files: WeightFiles) -> list[str]:
                               f"loads 16-bit checkpoints and bitsandbytes 4-bit (NF4) ones")
     if q.get("bnb_4bit_quant_type", "nf4") != "nf4":
         raise CheckpointError(f"{where}: bnb_4bit_quant_type {q['bnb_4bit_quant_type']!r} is not supported (NF4 only)")
-    mods = sorted(k[: -len(".weight" + BNB_SUFFIX)] for k in files.key_file if k.endswith(".weight" + BNB_SUFFIX))
+    mods = bnb_nf4_modules(files.key_file)
     if not mods:
         raise CheckpointError(f"{where}: says load_in_4bit, but no tensor carries a bitsandbytes NF4 quant state")
     return mods
@@ -159,7 +168,7 @@ def _materialize(model: nn.Module, files: WeightFiles, four_bit: dict, device, d
         if module_name in four_bit and leaf == "weight":
             _load_4bit(four_bit[module_name], key, files, device, dtype, quantize)
             continue
-        if _is_bnb_extra(key, four_bit):
+        if is_bnb_state_key(key, four_bit):  # read with its module's weight (_load_4bit)
             continue
         if key not in targets:
             raise CheckpointError(f"{where}: unexpected tensor {key!r} (not a parameter of {model.config.model_type})")
@@ -179,21 +188,13 @@ def _load_4bit(module, key: str, files: WeightFiles, device, dtype, quantize: bo
                                   f"implies {expected}")
         module.set_base_weight(t.to(device=device, dtype=dtype), quantize=quantize)
         return
-    from minilora.nf4 import nf4_from_bnb_state
-    state = {k: files.get(k) for k in files.key_file if k == key or k.startswith(key + ".")}
-    q = nf4_from_bnb_state(state, prefix=key, where=str(files.key_file[key]))
+    q = files.nf4(key)
     expected = torch.Size((module.out_features, module.in_features))
     if q.shape != expected:
         raise CheckpointError(f"{files.key_file[key]}: 4-bit tensor {key!r} has shape {tuple(q.shape)}, the config "
                               f"implies {tuple(expected)}")
     q.dtype = dtype  # compute dtype: dequantize straight into what the activations use
     module.set_base_nf4(q.to(device))
-
-
-def _is_bnb_extra(key: str, four_bit: dict) -> bool:
-    """weight.absmax, weight.quant_map, ... belong to a 4-bit module's weight and are read with it."""
-    head, sep, _ = key.partition(".weight.")
-    return bool(sep) and head in four_bit
 
 
 def _assign(model: nn.Module, module_name: str, leaf: str, t: torch.Tensor):

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Container, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -230,6 +231,25 @@ def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None, out: Tensor |
 # bitsandbytes serialization
 
 DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+BNB_NF4_STATE = ".quant_state.bitsandbytes__nf4"  # "<weight>" + this: the packed QuantState, marks an NF4 weight
+
+
+def bnb_nf4_modules(keys: Iterable[str]) -> list[str]:
+    """The modules whose weight a checkpoint stores in bnb's NF4 layout (a `<module>.weight` + BNB_NF4_STATE
+    key among `keys`), sorted."""
+    tail = ".weight" + BNB_NF4_STATE
+    return sorted(k[: -len(tail)] for k in keys if k.endswith(tail))
+
+
+def is_bnb_state_key(key: str, modules: Container[str]) -> bool:
+    """`<module>.weight.absmax`, `.quant_map`, ... of one of `modules`: quant state, read with its weight."""
+    head, sep, _ = key.partition(".weight.")
+    return bool(sep) and head in modules
+
+
+def bnb_meta(state: Tensor) -> dict:
+    """The JSON held by the uint8 tensor `<weight>.quant_state.bitsandbytes__nf4` (quant_type, shape, dtype, ...)."""
+    return json.loads(bytes(state.cpu().tolist()).decode("utf-8"))
 
 
 def nf4_to_bnb_state(q: NF4Tensor, prefix: str = "weight") -> dict[str, Tensor]:
@@ -250,7 +270,7 @@ def nf4_to_bnb_state(q: NF4Tensor, prefix: str = "weight") -> dict[str, Tensor]:
         f"{prefix}.quant_map": q.quant_map,
         f"{prefix}.nested_absmax": q.nested_absmax,
         f"{prefix}.nested_quant_map": q.nested_quant_map,
-        f"{prefix}.quant_state.bitsandbytes__nf4": torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8),
+        prefix + BNB_NF4_STATE: torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8),
     }
 
 
@@ -268,10 +288,10 @@ def nf4_from_bnb_state(tensors: dict[str, Tensor], prefix: str, where: str) -> N
             fail(key, "missing (expected a bitsandbytes 4-bit weight with its quant state)")
         return tensors[key]
 
-    state_key = f"{prefix}.quant_state.bitsandbytes__nf4"
+    state_key = prefix + BNB_NF4_STATE
     if f"{prefix}.quant_state.bitsandbytes__fp4" in tensors:
         fail(f"{prefix}.quant_state.bitsandbytes__fp4", "FP4 weights are not supported, only NF4")
-    meta = json.loads(bytes(get(state_key).cpu().tolist()).decode("utf-8"))
+    meta = bnb_meta(get(state_key))
     if meta.get("quant_type") != "nf4":
         fail(state_key, f"quant_type {meta.get('quant_type')!r}, only 'nf4' is supported")
     if meta.get("blocksize") != BLOCKSIZE:

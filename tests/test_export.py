@@ -4,7 +4,8 @@
   tied embeddings trained through modules_to_save), and minilora loads what PEFT's save_pretrained wrote.
 - `merged_16bit`: transformers.AutoModelForCausalLM gives the adapted model's logits; tensors without LoRA are
   byte-identical to the source; targeted ones are W₀ + s·B·A with W₀ read from the 16-bit source even when the
-  model was trained on NF4; bf16 sources, several shards, a pre-quantized bitsandbytes base, PEFT's own merge.
+  model was trained on NF4; bf16 sources, several shards, a pre-quantized bitsandbytes base (and a damaged one
+  named in the error), PEFT's own merge.
 - `merged_4bit`: the same bytes that bitsandbytes writes when it quantizes the 16-bit merge, and transformers +
   bitsandbytes load it on the CPU; its logits against the 16-bit merge are printed.
 - Atomicity (an export that fails half-way leaves nothing), --overwrite, the Hub dry run, scripts/export.py.
@@ -15,6 +16,7 @@ random tokens, so B != 0 and A has left its initialisation.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +25,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from conftest import report
 from tiny_models import FAMILIES, save_tiny
@@ -268,6 +270,14 @@ def test_prequantized_base_merges_into_dequantized_weights(tmp_path):
     assert "quantization_config" not in json.loads((tmp_path / "merged" / "config.json").read_text())
     check("merged pre-quantized base: transformers vs minilora", hf_logits(hf_model(tmp_path / "merged")),
           logits(ours), 1e-5)
+    # a damaged quant state: the error names the file and the tensor
+    key, f = "model.layers.1.self_attn.v_proj.weight", tmp_path / "bnb" / "model.safetensors"
+    stored = load_file(f)
+    stored[f"{key}.absmax"] = stored[f"{key}.absmax"][:-1]
+    save_file(stored, f, metadata={"format": "pt"})
+    with (pytest.raises(ValueError, match=rf"{re.escape(str(f))}: {key}.absmax: expected torch.uint8 with 32 values"),
+          pytest.warns(UserWarning, match="pre-quantized bitsandbytes 4-bit")):
+        save_merged(LoRAWeights.from_model(ours), tmp_path / "bnb", tmp_path / "merged-bad")
 
 
 # --- merged_4bit --------------------------------------------------------------------------------------------------

@@ -109,6 +109,35 @@ def test_corrupt_safetensors(ckpt, tmp_path):
         load_model(d)
 
 
+@pytest.fixture(scope="module")
+def bnb_ckpt(ckpt, tmp_path_factory):
+    """The tiny llama as transformers + bitsandbytes save a pre-quantized NF4 checkpoint (a `*-bnb-4bit` repo)."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.float32)
+    path = tmp_path_factory.mktemp("bnb")
+    AutoModelForCausalLM.from_pretrained(ckpt[0], quantization_config=bnb, device_map="cpu",
+                                         dtype=torch.float32).save_pretrained(path)
+    return path
+
+
+def test_prequantized_bad_quant_state_names_file_and_tensor(bnb_ckpt, tmp_path):
+    key = "model.layers.1.self_attn.v_proj.weight"
+    stored = load_file(bnb_ckpt / "model.safetensors")
+    v = load_model(bnb_ckpt).model.layers[1].self_attn.v_proj.nf4  # the intact file: its bytes as they are
+    assert torch.equal(v.packed, stored[key].view(-1)) and torch.equal(v.absmax, stored[f"{key}.absmax"])
+    d = _copy(bnb_ckpt, tmp_path, "no-nested")
+    _rewrite(d, lambda t: t.pop(f"{key}.nested_absmax"))  # as saved with compress_statistics=False
+    with pytest.raises(ValueError, match=rf"model.safetensors: {key}.quant_state.bitsandbytes__nf4: absmax is not "
+                                         rf"double-quantized"):
+        load_model(d)
+    d = _copy(bnb_ckpt, tmp_path, "short-absmax")
+    _rewrite(d, lambda t: t.update({f"{key}.absmax": t[f"{key}.absmax"][:-1]}))
+    with pytest.raises(ValueError, match=rf"model.safetensors: {key}.absmax: expected torch.uint8 with 32 values"):
+        load_model(d)
+
+
 def test_pickle_refused_unless_opted_in(ckpt, tmp_path):
     src, hf = ckpt
     d = tmp_path / "pickled"
