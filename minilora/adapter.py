@@ -12,7 +12,6 @@ Because minilora keeps Hugging Face's module names, the keys are the model's own
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -140,21 +139,3 @@ def _model_key(key: str) -> str:
     name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
     name = name.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
     return name.replace(".modules_to_save.default.", ".")
-
-
-def save_atomic(write, out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Run write(tmp_dir), then rename tmp_dir to out_dir: an interrupted save never leaves a complete-looking dir."""
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        write(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out

@@ -22,15 +22,13 @@ The tokenizer is rebuilt from the metadata as a `tokenizers` JSON the way transf
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from minilora.atomic import atomic_path
 from minilora.config import rope_inv_freq
 from minilora.pypi_models import cache_dir
 
@@ -503,10 +501,9 @@ def gguf_to_hf_dir(gguf_path: str | Path, out_dir: str | Path, dtype: torch.dtyp
         raise GGUFError(f"{path}: no tokenizer in the metadata (tokenizer.ggml.tokens)")
     tok = build_tokenizer(meta, arch, path)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.mkdir()  # not tempfile.mkdtemp: its 0700 mode would stick to the renamed directory
-    try:
+    # renamed into place at the end; replaces an empty directory, fails on a full one (another process's result)
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         (tmp / "generation_config.json").write_text(json.dumps(generation_config(meta), indent=2))
         (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(meta, arch), indent=2))
@@ -515,10 +512,6 @@ def gguf_to_hf_dir(gguf_path: str | Path, out_dir: str | Path, dtype: torch.dtyp
         mode = (tmp / "config.json").stat().st_mode & 0o666  # safetensors writes 0600; give them the umask's mode
         for f in tmp.glob("*.safetensors"):
             f.chmod(mode)
-        os.rename(tmp, out)  # atomic; replaces an empty directory, fails on a full one
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -44,16 +44,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import uuid
 import warnings
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from minilora.atomic import atomic_path
 from minilora.config import ModelConfig, rope_inv_freq
 from minilora.gguf import (LAYER_NAMES, NORM_PLUS_ONE, PERMUTED_QK, PRE_TOKENIZER_SPLITS, SANDWICH, SANDWICH_NAMES,
                            TOP_NAMES, permute_qk)
@@ -105,10 +105,8 @@ def export_gguf(model_dir: Path, out_path: Path, outtype: str = "f16", tokenizer
     plan = plan_tensors(_weight_index(model_dir), cfg, arch, outtype, model_dir)
     tok = Tokenizer.from_dir(tok_dir)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    writer = gguf.GGUFWriter(tmp, arch)
-    try:
+    # the writer is closed (flushed) before atomic_path renames its file into place
+    with atomic_path(out, overwrite) as tmp, closing(gguf.GGUFWriter(tmp, arch)) as writer:
         add_model_metadata(writer, cfg, arch, outtype, name=model_dir.resolve().name)
         add_bos = add_tokenizer_metadata(writer, tok_dir, arch, cfg.vocab_size, tok.chat_templates)
         for t in plan:
@@ -117,19 +115,10 @@ def export_gguf(model_dir: Path, out_path: Path, outtype: str = "f16", tokenizer
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         _write_tensors(writer, plan, cfg, arch)
-        writer.close()
         text = modelfile_text(out.name, tok, add_bos) if modelfile else None
-        if out.exists() and not overwrite:  # appeared while we were writing
-            raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
-        os.replace(tmp, out)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
     if text is not None:
-        mtmp = modelfile_path.with_name(f".Modelfile.{uuid.uuid4().hex[:8]}.tmp")
-        mtmp.write_text(text, encoding="utf-8")
-        os.replace(mtmp, modelfile_path)
+        with atomic_path(modelfile_path, overwrite=True) as mtmp:  # checked above; the GGUF is already in place
+            mtmp.write_text(text, encoding="utf-8")
     return out
 
 

@@ -23,7 +23,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from minilora.adapter import read_adapter_config, save_atomic
+from minilora.adapter import read_adapter_config
+from minilora.atomic import save_atomic
 from minilora.export import DEFAULT_SHARD_SIZE, LoRAWeights, push_to_hub, save_gguf, save_merged
 from minilora.tokenizer import TOKENIZER_FILES, Tokenizer
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from minilora.adapter import save_adapter, save_atomic
+from minilora.adapter import save_adapter
+from minilora.atomic import save_atomic
 from minilora.chat_templates import BUILTIN_TEMPLATES, compile_template, render, template_tokens
 from minilora.checkpointing import set_checkpointing
 from minilora.dataset import (DEMO_EVAL, DEMO_TRAIN, EpochBatches, detect_format, load_rows, split_eval,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+import minilora.gguf
 from conftest import report
 from minilora.config import ModelConfig
 from minilora.gguf import GGUFError, gguf_to_hf_dir, load_gguf_dir
@@ -299,6 +301,34 @@ def test_load_gguf_dir_caches_by_size_and_mtime(tiny, tmp_path, monkeypatch):
     second = load_gguf_dir(path)
     assert second != first and (second / "model.safetensors").is_file()
     assert sorted(p.name for p in first.parent.iterdir()) == sorted([first.name, second.name])  # no temp leftovers
+
+
+def test_conversions_in_flight_and_crashed_leftovers(tiny, tmp_path, monkeypatch):
+    """While our conversion is writing, a killed run's half-written temp dir sits beside the cache entry and another
+    process finishes the same conversion: load_gguf_dir returns that complete result (equal to a plain conversion),
+    the dead run's files are not taken for it, and our temp dir is gone."""
+    monkeypatch.setenv("MINILORA_CACHE", str(tmp_path / "cache"))
+    _, path, ref = tiny("qwen2")
+    real_write, temps = minilora.gguf._write_weights, []
+
+    def meanwhile(reader, arch, cfg, tmp, *a):
+        temps.append(tmp)
+        if len(temps) == 1:  # our conversion: config.json written, weights not yet
+            out = tmp.parent.parent / tmp.name  # the temp path is <parent>/.<name>.XXXX.tmp/<name>
+            dead = out.parent / f".{out.name}.dead.tmp"
+            dead.mkdir()
+            shutil.copytree(tmp, dead / out.name)  # what a run killed at this point leaves
+            assert gguf_to_hf_dir(path, out) == out  # the other process, start to finish
+        real_write(reader, arch, cfg, tmp, *a)
+
+    monkeypatch.setattr(minilora.gguf, "_write_weights", meanwhile)
+    got = load_gguf_dir(path)
+    assert len(temps) == 2 and temps[0] != temps[1] and temps[0].name == temps[1].name == got.name
+    assert sorted(p.name for p in got.parent.iterdir()) == sorted([got.name, f".{got.name}.dead.tmp"])
+    assert sorted(p.name for p in got.iterdir()) == sorted(p.name for p in ref.iterdir())
+    ours, oracle = read_dir(got), read_dir(ref)
+    assert set(ours) == set(oracle) and all(torch.equal(ours[k], oracle[k]) for k in oracle)
+    assert load_gguf_dir(path) == got and len(temps) == 2  # cached: the leftover does not trigger a new conversion
 
 
 def test_bad_files_name_the_file(tiny, tmp_path, monkeypatch):

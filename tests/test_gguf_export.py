@@ -406,6 +406,28 @@ def test_interrupted_export_leaves_no_file(source, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # no m.gguf, no Modelfile, no temporary file
 
 
+def test_interrupted_overwrite_keeps_the_old_files(source, tmp_path, monkeypatch):
+    """A dead run's temp file beside the target does not stop an export; an export with overwrite=True that fails
+    half-way leaves the previous m.gguf and Modelfile byte for byte, and no temp file of its own."""
+    _, src = source("qwen2")
+    out = tmp_path / "m.gguf"
+    dead = tmp_path / ".m.gguf.dead.tmp"  # what a killed export leaves: its temp dir with a partial file
+    dead.mkdir()
+    (dead / "m.gguf").write_bytes(b"GGUF partial")
+    export_gguf(src, out)
+    before = {p.name: p.read_bytes() for p in (out, tmp_path / "Modelfile")}
+
+    def interrupt(self, *a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        export_gguf(src, out, "q8_0", overwrite=True)
+    assert {p.name: p.read_bytes() for p in (out, tmp_path / "Modelfile")} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".m.gguf.dead.tmp", "Modelfile", "m.gguf"]
+    assert read_gguf(out)[1]["general.file_type"] == gguf.LlamaFileType.MOSTLY_F16
+
+
 def test_refuses_to_overwrite(source, tmp_path):
     _, src = source("qwen2")
     out = export_gguf(src, tmp_path / "m.gguf")
