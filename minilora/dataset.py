@@ -33,10 +33,12 @@ from __future__ import annotations
 
 import csv
 import json
+import operator
 import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import jinja2
 import numpy as np
@@ -390,24 +392,25 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> list[int
     return np.random.default_rng([seed, epoch]).permutation(n).tolist()
 
 
-def plan_rows(lengths: list[int], order: list[int], packing: bool, max_seq_length: int | None) -> list[list[int]]:
-    """Each training row as the indices of the examples it holds: one per row when padding; when packing,
-    examples in epoch order fill a row until the next one does not fit (greedy, keeps the shuffle's order)."""
+def row_starts(lengths: list[int], order: list[int], packing: bool, max_seq_length: int | None) -> np.ndarray:
+    """Where each training row begins in the epoch's `order`, plus its end: row r holds the examples
+    order[starts[r]:starts[r + 1]]. One example per row when padding; when packing, examples in epoch order fill a
+    row until the next one does not fit (greedy, keeps the shuffle's order). A few bytes per example, so a whole
+    epoch's layout is planned up front while its tensors are not (`LazyBatches`)."""
     if not packing:
-        return [[i] for i in order]
+        return np.arange(len(order) + 1)
     if not max_seq_length:
         raise DataError("packing needs max_seq_length (the length of a packed row)")
-    rows, row, used = [], [], 0
-    for i in order:
+    starts, used = [0], 0
+    for k, i in enumerate(order):
         if lengths[i] > max_seq_length:
             raise DataError(f"example {i} has {lengths[i]} tokens > max_seq_length {max_seq_length}; "
                             f"tokenize with the same max_seq_length")
-        if row and used + lengths[i] > max_seq_length:
-            rows.append(row)
-            row, used = [], 0
-        row.append(i)
+        if k > starts[-1] and used + lengths[i] > max_seq_length:  # the current row is not empty and is full
+            starts.append(k)
+            used = 0
         used += lengths[i]
-    return rows + ([row] if row else [])
+    return np.array(starts + ([len(order)] if order else []))
 
 
 def collate(docs_per_row: list[list[dict]], pad_token_id: int, packed: bool) -> dict:
@@ -433,32 +436,78 @@ def collate(docs_per_row: list[list[dict]], pad_token_id: int, packed: bool) -> 
     return batch
 
 
+class LazyBatches(Sequence):
+    """One epoch's batches, each collated when it is asked for and not kept: `len()`, `batches[k]`, slices (a list
+    of the batches in the slice) and iteration. The plan, which examples go in which row of which batch, is fixed
+    at construction; the tensors are built on demand, so a million-row epoch costs its plan (8 bytes an example and
+    8 a row), not a million padded tensors, before the first step."""
+
+    def __init__(self, examples: list[dict], order: np.ndarray, starts: np.ndarray, batch_size: int,
+                 pad_token_id: int, packed: bool, drop_last: bool = False):
+        # order [n_examples]: example indices in epoch order; starts [n_rows + 1]: row boundaries in `order`
+        self.examples, self.order, self.starts = examples, order, starts
+        self.batch_size, self.pad_token_id, self.packed = batch_size, pad_token_id, packed
+        n_rows = len(starts) - 1
+        self.n = n_rows // batch_size if drop_last else -(-n_rows // batch_size)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, k: int | slice) -> dict | list[dict]:
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(self.n))]
+        k = operator.index(k)
+        if not -self.n <= k < self.n:
+            raise IndexError(f"batch {k} of an epoch of {self.n} batches")
+        k %= self.n
+        bounds = self.starts[k * self.batch_size:(k + 1) * self.batch_size + 1].tolist()  # this batch's rows
+        docs = [[self.examples[i] for i in self.order[a:b].tolist()] for a, b in zip(bounds[:-1], bounds[1:])]
+        return collate(docs, self.pad_token_id, self.packed)
+
+    def __iter__(self) -> Iterator[dict]:
+        return (self[k] for k in range(self.n))
+
+
+def epoch_batches(examples: list[dict], batch_size: int, seed: int, epoch: int, *, packing: bool = False,
+                  max_seq_length: int | None = None, pad_token_id: int = 0, shuffle: bool = True,
+                  drop_last: bool = False, lengths: list[int] | None = None) -> LazyBatches:
+    """The batches of one epoch, planned now and built when used. The order depends only on (seed, epoch). With
+    packing, a batch is `batch_size` rows of up to max_seq_length tokens, each holding several examples.
+    `lengths`: the examples' lengths, when the caller already has them."""
+    if lengths is None:
+        lengths = [len(e["input_ids"]) for e in examples]
+    order = epoch_order(len(examples), seed, epoch, shuffle)
+    starts = row_starts(lengths, order, packing, max_seq_length)
+    return LazyBatches(examples, np.array(order, dtype=np.int64), starts, batch_size, pad_token_id, packing,
+                       drop_last)
+
+
 def iterate_batches(examples: list[dict], batch_size: int, seed: int, epoch: int, start_step: int = 0, *,
                     packing: bool = False, max_seq_length: int | None = None, pad_token_id: int = 0,
                     shuffle: bool = True, drop_last: bool = False) -> Iterator[dict]:
-    """Batches of one epoch, from batch number `start_step` on (a resumed run skips what it has seen; skipped
-    batches are never built). The order depends only on (seed, epoch). With packing, a batch is `batch_size`
-    rows of up to max_seq_length tokens, each holding several examples."""
-    order = epoch_order(len(examples), seed, epoch, shuffle)
-    rows = plan_rows([len(e["input_ids"]) for e in examples], order, packing, max_seq_length)
-    n_batches = len(rows) // batch_size if drop_last else -(-len(rows) // batch_size)
-    for k in range(start_step, n_batches):
-        chunk = rows[k * batch_size:(k + 1) * batch_size]
-        yield collate([[examples[i] for i in row] for row in chunk], pad_token_id, packing)
+    """Batches of one epoch (see `epoch_batches`), from batch number `start_step` on (a resumed run skips what it
+    has seen; skipped batches are never built)."""
+    batches = epoch_batches(examples, batch_size, seed, epoch, packing=packing, max_seq_length=max_seq_length,
+                            pad_token_id=pad_token_id, shuffle=shuffle, drop_last=drop_last)
+    for k in range(start_step, len(batches)):
+        yield batches[k]
 
 
 class EpochBatches:
-    """`batches(epoch) -> list of batches`, the callable trainer.Trainer takes. The trainer asks for the current
-    epoch's list before every micro-batch, so the last epoch built is kept."""
+    """`batches(epoch) -> LazyBatches`, the callable trainer.Trainer takes. The trainer asks for the current
+    epoch's batches before every window and indexes them by position (which is how a resumed run finds its
+    place), so the last epoch's plan is kept; its batches are built as the trainer reaches them."""
 
     def __init__(self, examples: list[dict], batch_size: int, seed: int, *, packing: bool = False,
                  max_seq_length: int | None = None, pad_token_id: int = 0, shuffle: bool = True):
         self.examples, self.batch_size, self.seed = examples, batch_size, seed
+        self.lengths = [len(e["input_ids"]) for e in examples]
         self.kw = dict(packing=packing, max_seq_length=max_seq_length, pad_token_id=pad_token_id, shuffle=shuffle)
-        self._epoch, self._batches = None, []
+        self._epoch, self._batches = None, None
 
-    def __call__(self, epoch: int) -> list[dict]:
+    def __call__(self, epoch: int) -> LazyBatches:
         if epoch != self._epoch:
-            self._batches = list(iterate_batches(self.examples, self.batch_size, self.seed, epoch, **self.kw))
+            self._batches = epoch_batches(self.examples, self.batch_size, self.seed, epoch, lengths=self.lengths,
+                                          **self.kw)
             self._epoch = epoch
         return self._batches

@@ -11,13 +11,18 @@ transformers fixed in 2024). The window's batches are known before its first bac
 A window never crosses an epoch boundary: the last one of an epoch may be shorter (as in transformers), so an
 epoch is the same set of steps whatever the accumulation.
 
-Batches come from `batches(epoch) -> list[dict]`, deterministic per epoch: a resumed run asks for the same epoch and
-skips to the saved position. Each batch holds `input_ids` [B, T], `labels` [B, T] already shifted (labels[t] is the
-target for position t, -100 where nothing is trained) and optionally `position_ids` [B, T] (packed rows).
+Batches come from `batches(epoch)`, a sequence of batch dicts (a list, or dataset.EpochBatches' lazily built one),
+deterministic per epoch: a resumed run asks for the same epoch and skips to the saved position. Each batch holds
+`input_ids` [B, T], `labels` [B, T] already shifted (labels[t] is the target for position t, -100 where nothing is
+trained) and optionally `position_ids` [B, T] (packed rows).
 
 Checkpoints (`output_dir/checkpoint-<step>/`) hold the adapter, optimizer, scheduler, loss scaler, RNG states and
 data position, written to a temporary directory and renamed, so an interrupted save never looks complete. Resuming
 restores all of it, so the following steps repeat an uninterrupted run's losses exactly (LoRA dropout included).
+
+The loop itself reads the GPU once per optimizer step: the micro-batches' losses stay on the device and come back
+together with the gradient norm, just before the optimizer step that a non-finite value must prevent. Label tokens
+are counted on the CPU batches, and batches go to the GPU from pinned memory without waiting for the GPU.
 """
 from __future__ import annotations
 
@@ -29,13 +34,14 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from minilora.adapter import load_adapter_weights, save_adapter, save_atomic
+from minilora.adapter import load_adapter_weights, save_adapter
+from minilora.atomic import save_atomic
 from minilora.loss import chunked_cross_entropy
 
 SCHEDULERS = ("linear", "cosine", "constant")
@@ -97,35 +103,54 @@ def lr_lambda(args: TrainArgs, total_steps: int) -> Callable[[int], float]:
     return f
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU batch tensor on `device`. To CUDA through pinned memory with non_blocking: a copy from pageable memory
+    synchronises the stream (the CPU waits for every queued kernel); this one is queued behind them. The pinned
+    buffer is not reused before the copy has run (torch's host allocator records the stream)."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def batch_loss_sum(model, batch: dict, chunk_size: int | None = None) -> torch.Tensor:
     """Sum of per-token CE over the batch's labelled positions (fp32). Logits exist only there, chunk by chunk."""
     device = model.lm_head.weight.device
-    hidden = model.hidden_states(batch["input_ids"].to(device),
-                                 batch["position_ids"].to(device) if "position_ids" in batch else None)
-    return chunked_cross_entropy(hidden, model.lm_head.weight, batch["labels"].to(device),
+    hidden = model.hidden_states(to_device(batch["input_ids"], device),
+                                 to_device(batch["position_ids"], device) if "position_ids" in batch else None)
+    return chunked_cross_entropy(hidden, model.lm_head.weight, to_device(batch["labels"], device),
                                  softcap=model.config.final_logit_softcapping, chunk_size=chunk_size)
 
 
 def n_label_tokens(batch: dict) -> int:
+    """Positions with a target. Batches are built on the CPU, so counting there costs no device sync."""
     return int((batch["labels"] != -100).sum())
 
 
+def _read_floats(values: list[torch.Tensor]) -> list[float]:
+    """Device scalars as Python floats in one transfer (one sync), each exactly what its .item() would give:
+    float64 holds every fp32/bf16/fp16 value exactly."""
+    return torch.stack([v.detach().to(values[0].device, torch.float64) for v in values]).tolist()
+
+
 @torch.no_grad()
-def evaluate(model, batches: list[dict]) -> float:
+def evaluate(model, batches: Iterable[dict]) -> float:
     """Mean per-token loss over the eval batches (every label token weighs the same, as in training)."""
     was_training = model.training
     model.eval()
-    total, n = 0.0, 0
+    sums, n = [], 0
     for b in batches:
-        total += batch_loss_sum(model, b).item()
+        sums.append(batch_loss_sum(model, b))
         n += n_label_tokens(b)
     model.train(was_training)
+    total = 0.0
+    for v in _read_floats(sums) if sums else []:  # summed in float64 in batch order, as .item() by .item()
+        total += v
     return total / max(n, 1)
 
 
 class Trainer:
-    def __init__(self, model, params: list[torch.nn.Parameter], batches: Callable[[int], list[dict]],
-                 args: TrainArgs, eval_batches: list[dict] | None = None, adapter_meta: dict | None = None):
+    def __init__(self, model, params: list[torch.nn.Parameter], batches: Callable[[int], Sequence[dict]],
+                 args: TrainArgs, eval_batches: Sequence[dict] | None = None, adapter_meta: dict | None = None):
         self.model, self.params, self.batches, self.args = model, params, batches, args
         self.eval_batches = eval_batches or []
         self.adapter_meta = adapter_meta or {}
@@ -183,7 +208,8 @@ class Trainer:
 
     def _next_window(self) -> list[dict]:
         """The next micro-batches of this epoch, up to gradient_accumulation_steps of them; an epoch's last window
-        may be shorter. A finished epoch moves the position to the start of the next."""
+        may be shorter. A finished epoch moves the position to the start of the next. Slicing a lazy epoch builds
+        only the window's batches."""
         if self.batch_index >= len(self.batches(self.epoch)):
             self.epoch, self.batch_index = self.epoch + 1, 0
         epoch_batches = self.batches(self.epoch)
@@ -195,18 +221,16 @@ class Trainer:
 
     def _optimizer_step(self) -> tuple[float, int, float]:
         window = self._next_window()
-        n_labels = sum(n_label_tokens(b) for b in window)
+        n_labels = sum(n_label_tokens(b) for b in window)  # on the CPU batches, before they move to the device
         if n_labels == 0:
             raise TrainingError(f"step {self.step + 1}: no label tokens in the accumulation window (every label "
                                 f"is -100); check the data's responses-only masks")
-        total = 0.0
+        losses = []  # per micro-batch, on the device: read once with the gradient norm, not one sync each
         try:
             for b in window:
                 loss = batch_loss_sum(self.model, b, self.args.ce_chunk_size) / n_labels
-                total += loss.item()
-                if not math.isfinite(total):
-                    raise TrainingError(self._not_finite(f"loss is {total}"))
                 self.scaler.scale(loss).backward()
+                losses.append(loss.detach())
         except torch.cuda.OutOfMemoryError as e:
             raise TrainingError(
                 "CUDA out of memory. Knobs that help, cheapest first: a smaller --per_device_train_batch_size (with a "
@@ -214,7 +238,13 @@ class Trainer:
                 "--gradient_checkpointing recompute or offload, --load_in_4bit, a smaller --r.") from e
         self.scaler.unscale_(self.opt)
         max_norm = self.args.max_grad_norm if self.args.max_grad_norm > 0 else math.inf  # inf: measure, no clip
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm).item()
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        *values, grad_norm = _read_floats(losses + [norm])  # the step's one GPU -> CPU sync
+        total = 0.0
+        for v in values:  # summed in float64 micro-batch by micro-batch, as the logged loss always was
+            total += v
+            if not math.isfinite(total):
+                raise TrainingError(self._not_finite(f"loss is {total}"))
         if not math.isfinite(grad_norm) and not self.scaler.is_enabled():
             # with fp16 loss scaling an inf gradient is routine (the scaler skips the step and lowers the scale);
             # without it, stepping would write NaN into the adapter

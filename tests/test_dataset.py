@@ -324,6 +324,74 @@ def test_shuffle_is_deterministic_and_resumable():
     assert "position_ids" not in unshuffled[0]  # padded batches keep the model's default positions
 
 
+def eager_epoch(examples, batch_size, seed, epoch, packing=False, max_seq_length=None, pad_token_id=0,
+                shuffle=True) -> list[dict]:
+    """Oracle: an epoch's batches as they were built before batching became lazy, all of them up front: rows
+    filled greedily in epoch order (one example each when padding), then collated batch_size rows at a time."""
+    order = ds.epoch_order(len(examples), seed, epoch, shuffle)
+    rows, row, used = [], [], 0
+    for i in order:
+        n = len(examples[i]["input_ids"])
+        if row and (not packing or used + n > max_seq_length):
+            rows.append(row)
+            row, used = [], 0
+        row.append(i)
+        used += n
+    rows += [row] if row else []
+    return [ds.collate([[examples[i] for i in r] for r in rows[k:k + batch_size]], pad_token_id, packing)
+            for k in range(0, len(rows), batch_size)]
+
+
+def assert_same_batches(got: list[dict], want: list[dict]):
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.keys() == w.keys() and all(torch.equal(g[k], w[k]) for k in w)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_lazy_batches_equal_the_eager_ones(packing):
+    """Batch k of a lazy epoch, by index, slice, iteration or iterate_batches' resume, is the eager batch k, over
+    two epochs with a short last batch; drop_last drops that one."""
+    examples = random_examples(41, seed=3)
+    kw = dict(packing=packing, max_seq_length=25 if packing else None, pad_token_id=7)
+    batches = ds.EpochBatches(examples, 4, 11, **kw)
+    for epoch in (0, 1):
+        want = eager_epoch(examples, 4, 11, epoch, **kw)
+        got = batches(epoch)
+        n_rows = sum(b["input_ids"].shape[0] for b in want)
+        assert n_rows % 4 and (n_rows < 41) == packing  # a short last batch; packing did pack
+        assert_same_batches([got[k] for k in range(len(got))], want)
+        assert_same_batches(list(got), want)
+        assert_same_batches(got[2:5], want[2:5])  # the trainer's window
+        assert_same_batches([got[-1], got[-len(got)]], [want[-1], want[0]])
+        assert_same_batches(list(ds.iterate_batches(examples, 4, 11, epoch, 3, **kw)), want[3:])
+        with pytest.raises(IndexError, match=f"batch {len(want)} of an epoch of {len(want)} batches"):
+            got[len(want)]
+        dropped = ds.epoch_batches(examples, 4, 11, epoch, drop_last=True, **kw)
+        assert len(dropped) == n_rows // 4 == len(want) - 1
+        assert_same_batches(list(dropped), want[:-1])
+
+
+def test_epoch_batches_build_nothing_until_used(monkeypatch):
+    """An epoch over 200k examples is planned without collating a batch; indexing builds that batch alone, the
+    trainer's window slice builds only its batches, and nothing is kept (asking again builds again)."""
+    calls = []  # rows per collated batch
+    real_collate = ds.collate
+    monkeypatch.setattr(ds, "collate", lambda docs, *a: calls.append(len(docs)) or real_collate(docs, *a))
+    examples = [{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}] * 200_000  # one shared dict: no memory
+    for kw, n_batches in [({}, 25_000), (dict(packing=True, max_seq_length=12), 6_250)]:  # packed: 4 per row
+        calls.clear()
+        batches = ds.EpochBatches(examples, 8, 0, **kw)
+        epoch = batches(0)
+        assert len(epoch) == n_batches and calls == []
+        assert batches(0) is epoch  # the trainer asks before every window: planned once per epoch
+        window = epoch[100:103]
+        assert calls == [8, 8, 8] and window[0]["input_ids"].shape == (8, 3 if not kw else 12)
+        assert_same_batches([epoch[100]], window[:1])
+        assert calls == [8] * 4
+        assert len(epoch[-1]["input_ids"]) == 8 and calls == [8] * 5
+
+
 # --- the demo data ----------------------------------------------------------------------------------------------------
 def test_demo_data_is_what_the_script_writes(tmp_path):
     subprocess.run([sys.executable, str(REPO / "scripts" / "make_demo_data.py"), "--out_dir", str(tmp_path)],

@@ -18,13 +18,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import report
 from minilora.checkpointing import set_checkpointing
 from minilora.dataset import DEMO_EVAL, DEMO_TRAIN, EpochBatches, epoch_order
 from minilora.loading import load_model
 from minilora.lora import inject_lora
-from minilora.trainer import Trainer, TrainArgs, TrainingError, evaluate, latest_checkpoint, lr_lambda
+from minilora.trainer import (Trainer, TrainArgs, TrainingError, batch_loss_sum, evaluate, latest_checkpoint,
+                              lr_lambda, n_label_tokens)
 from tiny_models import save_tiny
 
 V = 1000  # tiny_models vocab
@@ -135,6 +137,43 @@ def test_accumulation_equals_one_big_batch(tiny_dir, tmp_path):
     sum(plain_ce(model, [e]) for e in first).div(4).backward()
     naive = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     assert max(((naive[n] - oracle[n]).abs().max().item() for n in oracle)) > 1e-4
+
+
+class DeviceReads(TorchDispatchMode):
+    """Counts the ops that make the CPU wait for the GPU: scalar reads (.item(), int(), bool()) and nonzero.
+    (.tolist() does not go through dispatch: the trainer's one read per step is not counted.)"""
+    READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default}
+
+    def __init__(self):
+        super().__init__()
+        self.n, self.on = 0, True
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += self.on and func in self.READS
+        return func(*args, **(kwargs or {}))
+
+
+def test_no_device_read_per_micro_batch(tiny_dir, tmp_path):
+    """A step of 4 micro-batches reads the device only where the model and the loss do on their own (measured
+    batch by batch; plus the label counts, on the CPU batches): no loss.item() per micro-batch, no
+    grad_norm.item(). Its loss is bit for bit the old per-micro-batch sum of .item()s."""
+    tr = make_trainer(tiny_dir, tmp_path, examples(8, seed=9), 1, 4, max_steps=1)
+    window, reads, old_total = tr.batches(0)[:4], 0, 0.0
+    n_labels = sum(n_label_tokens(b) for b in window)
+    for b in window:
+        with DeviceReads() as r:
+            n_label_tokens(b)
+            loss = batch_loss_sum(tr.model, b) / n_labels
+            loss.backward()
+        reads += r.n
+        old_total += loss.item()
+    tr.model.zero_grad(set_to_none=True)
+    with DeviceReads() as r:
+        tr.opt.register_step_pre_hook(lambda *a: setattr(r, "on", False))  # CPU AdamW reads its step counters
+        total, _, grad_norm = tr._optimizer_step()
+    print(f"reads: step {r.n}, its micro-batches on their own {reads}; loss {total} vs {old_total}")
+    assert r.n == reads > 0
+    assert total == old_total and math.isfinite(grad_norm)
 
 
 # --- 2. resume -----------------------------------------------------------------------------------------------------
