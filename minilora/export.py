@@ -142,7 +142,8 @@ class BaseCheckpoint:
     def shape_dtype(self, key: str) -> tuple[list[int], torch.dtype | None]:
         """What the tensor is when 16-bit: a 4-bit weight's original shape and dtype come from its quant state."""
         if key.removesuffix(".weight") in self.bnb:
-            meta = bnb_meta(self.files.get(key + BNB_NF4_STATE))
+            state = key + BNB_NF4_STATE
+            meta = bnb_meta(self.files.get(state), f"{self.files.key_file[state]}: {state}")
             return meta["shape"], getattr(torch, meta["dtype"])
         h = self.header[key]
         return h["shape"], SAFETENSORS_DTYPES.get(h["dtype"])

@@ -247,9 +247,16 @@ def is_bnb_state_key(key: str, modules: Container[str]) -> bool:
     return bool(sep) and head in modules
 
 
-def bnb_meta(state: Tensor) -> dict:
-    """The JSON held by the uint8 tensor `<weight>.quant_state.bitsandbytes__nf4` (quant_type, shape, dtype, ...)."""
-    return json.loads(bytes(state.cpu().tolist()).decode("utf-8"))
+def bnb_meta(state: Tensor, where: str = "quant state") -> dict:
+    """The JSON held by the uint8 tensor `<weight>.quant_state.bitsandbytes__nf4` (quant_type, shape, dtype, ...);
+    `where` (file: key) goes into the error when the bytes are not a JSON object."""
+    try:
+        meta = json.loads(bytes(state.cpu().tolist()).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{where}: not a bitsandbytes quant state (its bytes are not JSON: {e})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{where}: not a bitsandbytes quant state (JSON {type(meta).__name__}, not an object)")
+    return meta
 
 
 def nf4_to_bnb_state(q: NF4Tensor, prefix: str = "weight") -> dict[str, Tensor]:
@@ -291,7 +298,7 @@ def nf4_from_bnb_state(tensors: dict[str, Tensor], prefix: str, where: str) -> N
     state_key = prefix + BNB_NF4_STATE
     if f"{prefix}.quant_state.bitsandbytes__fp4" in tensors:
         fail(f"{prefix}.quant_state.bitsandbytes__fp4", "FP4 weights are not supported, only NF4")
-    meta = bnb_meta(get(state_key))
+    meta = bnb_meta(get(state_key), f"{where}: {state_key}")
     if meta.get("quant_type") != "nf4":
         fail(state_key, f"quant_type {meta.get('quant_type')!r}, only 'nf4' is supported")
     if meta.get("blocksize") != BLOCKSIZE:

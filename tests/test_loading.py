@@ -136,6 +136,11 @@ def test_prequantized_bad_quant_state_names_file_and_tensor(bnb_ckpt, tmp_path):
     _rewrite(d, lambda t: t.update({f"{key}.absmax": t[f"{key}.absmax"][:-1]}))
     with pytest.raises(ValueError, match=rf"model.safetensors: {key}.absmax: expected torch.uint8 with 32 values"):
         load_model(d)
+    d = _copy(bnb_ckpt, tmp_path, "garbled-state")
+    state = f"{key}.quant_state.bitsandbytes__nf4"
+    _rewrite(d, lambda t: t.update({state: t[state].flip(0)}))  # the JSON's bytes reversed
+    with pytest.raises(ValueError, match=rf"model.safetensors: {state}: not a bitsandbytes quant state"):
+        load_model(d)
 
 
 def test_pickle_refused_unless_opted_in(ckpt, tmp_path):
