@@ -10,6 +10,8 @@
 #                                       # curve (6.8/7/10/14/20 GB) and 32k at 14 GB; Unsloth beside the 8B and 1B bs 8
 #                                       # rows; 8B at 64k tokens
 #   bash scripts/gpu_session.sh part4   # not yet run: HF+PEFT rows, the other presets, 8B at 128k, Unsloth at 64k
+#   bash scripts/gpu_session.sh part5   # issue 6's whole table in one call: every minilora row, then every Unsloth
+#                                       # row (~560 s: run it on a fresh machine, with DEADLINE_S=580)
 #   bash scripts/gpu_session.sh part0   # CPU self-test of this script (tiny model, no peers), any machine
 #   bash scripts/gpu_session.sh run NAME...   # only these jobs (e.g. the ones a part skipped for time)
 #   bash scripts/gpu_session.sh list          # every job, its part, expected seconds and command
@@ -77,6 +79,19 @@ part3 u_1b_bs8         60 300 peer_run 1b --framework unsloth --bs 8 --seq 2048
 part3 m_8b_64k        100 240 $B --preset llama-3.1-8b --batch_size 1 --seq_len 65536 --gc auto --warmup 1 --steps 2
 part3 m_1b_bs8_norope  17 180 MINILORA_TRITON=nf4,rmsnorm,gated_act $B --preset llama-3.2-1b --batch_size 8 --seq_len 2048 --gc auto $W
 part3 m_8b_bs2_norope  22 240 MINILORA_TRITON=nf4,rmsnorm,gated_act $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
+part5 kcheck           15  90 python3 tests/gpu_check_kernels.py
+part5 m_1b_bs2         17 180 $B --preset llama-3.2-1b --batch_size 2 --seq_len 2048 --gc auto $W
+part5 m_1b_bs8         17 180 $B --preset llama-3.2-1b --batch_size 8 --seq_len 2048 --gc auto $W
+part5 m_8b_bs2         20 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
+part5 m_8b_32k_14gb    55 300 $B --preset llama-3.1-8b --batch_size 1 --seq_len 32768 --gc auto --max_memory_gb 14 $W
+part5 p_1b_make        20 240 peer_make 1b
+part5 u_1b_bs2         60 300 peer_run 1b --framework unsloth --bs 2 --seq 2048
+part5 u_1b_bs2_gcoff   50 300 peer_run 1b --framework unsloth --bs 2 --seq 2048 --gc off
+part5 u_1b_bs8         60 300 peer_run 1b --framework unsloth --bs 8 --seq 2048
+part5 p_8b_make        35 300 peer_make 8b
+part5 u_8b_bs2         60 300 peer_run 8b --framework unsloth --bs 2 --seq 2048
+part5 u_8b_bs2_gcoff   55 300 peer_run 8b --framework unsloth --bs 2 --seq 2048 --gc off
+part5 u_8b_32k        115 360 peer_run 8b --framework unsloth --bs 1 --seq 32768
 part4 h_8b_bs2        120 360 peer_run 8b --framework hf --bs 2 --seq 2048
 part4 h_1b_bs2         60 300 peer_run 1b --framework hf --bs 2 --seq 2048
 part4 m_qwen7b_bs2     40 240 $B --preset qwen2.5-7b --batch_size 2 --seq_len 2048 --gc auto $W
@@ -227,7 +242,7 @@ case "$PART" in
         [ $# -gt 0 ] || { echo "run NAME..."; exit 2; }
         for n in "$@"; do jobs | awk -v n="$n" '$2 == n {f = 1} END {exit !f}' || { echo "no job $n (see: list)"; exit 2; }; done
         WANT=" $* " ;;
-    part0 | part1 | part2 | part3 | part4) WANT="" ;;
+    part0 | part1 | part2 | part3 | part4 | part5) WANT="" ;;
     *) echo "unknown part $PART; see: bash $0"; exit 2 ;;
 esac
 LOG=$OUT/$PART
