@@ -274,7 +274,7 @@ class LoRALinear(nn.Module):
         """self(act(g) * u) for g, u [*, in]; activation as kernels/gated_act.py names it. On CUDA without
         dropout, one GatedLoRAFunction that does not keep act(g) * u for backward; otherwise the composition."""
         fused = (use_triton(g, "gated_act") and not (self.r > 0 and self.training and self.lora_dropout > 0)
-                 and (self.weight is None or not self.weight.requires_grad) and g.shape == u.shape)
+                 and (self.weight is None or not self.weight.requires_grad))
         if not fused:
             return self(gated_act(g, u, activation))
         base = self.nf4 if self.nf4 is not None else self.weight

@@ -30,9 +30,9 @@ import torch
 
 from minilora.kernels.cross_entropy import ce_loss, ce_loss_and_grad_
 
-# fp32 bytes one chunk's logits may take: big enough that the [c, H] x [H, V] matmul keeps the GPU busy,
-# small enough that the few [c, V] temporaries (bf16 logits, fp32 logits, the bf16 gradient for the matmuls)
-# stay around a gigabyte or two next to a model that fills the card.
+# Rows per chunk are chosen so that one chunk's logits would take this many bytes in fp32: big enough that the
+# [c, H] x [H, V] matmul keeps the GPU busy, small enough that the chunk's [c, V] temporaries (on CUDA the logits,
+# overwritten by their gradient; on the CPU reference also an fp32 copy) stay well under a gigabyte.
 CHUNK_BYTES = {"cuda": 512 * 2**20, "cpu": 64 * 2**20}
 
 
