@@ -37,9 +37,10 @@ import torch
 MODES = ("off", "recompute", "offload")
 
 
-def set_checkpointing(model, modes: str | list[str]) -> None:
+def set_checkpointing(model, modes: str | list[str], mlp_chunk: int | None = None) -> None:
     """Give `model.layer_runners` one entry per decoder layer: None ("off") or a LayerCheckpoint.
-    `modes` is one mode for every layer or a list with one mode per layer."""
+    `modes` is one mode for every layer or a list with one mode per layer. `mlp_chunk` (tokens) makes every
+    layer's MLP run in chunks of that many tokens, each recomputed in backward (`checkpoint_chunks`); None: whole."""
     n = len(model.model.layers)
     modes = [modes] * n if isinstance(modes, str) else list(modes)
     if len(modes) != n:
@@ -50,6 +51,10 @@ def set_checkpointing(model, modes: str | list[str]) -> None:
     offloader = HostOffloader() if "offload" in modes else None  # one pool and stream for the whole model
     runners = [None if m == "off" else LayerCheckpoint(offloader if m == "offload" else None) for m in modes]
     model.layer_runners = runners if any(r is not None for r in runners) else None
+    if mlp_chunk is not None and mlp_chunk < 1:
+        raise ValueError(f"set_checkpointing: mlp_chunk must be a positive number of tokens, got {mlp_chunk}")
+    for layer in model.model.layers:
+        layer.mlp.chunk_tokens = mlp_chunk
 
 
 class LayerCheckpoint:
@@ -114,6 +119,60 @@ def _set_rng(state, device: torch.device) -> None:
         torch.cuda.set_rng_state(state[1], device)
 
 
+# --- token chunks inside a layer ------------------------------------------------------------------------------
+def checkpoint_chunks(fn, x: torch.Tensor, params: list[torch.Tensor], chunk: int) -> torch.Tensor:
+    """fn(x) for a token-wise fn ([..., H_in] -> [..., H_out], no mixing between tokens: the MLP), computed
+    `chunk` tokens at a time. Only x is kept for backward, which recomputes fn chunk by chunk and backpropagates
+    each chunk before the next: fn's intermediates exist for one chunk at a time, in forward and in backward.
+
+    Why: at long context the MLP's [tokens, intermediate] tensors are what no longer fits. An 8B model at
+    360k tokens has gate and up outputs of 10 GiB each, and backward needs several such tensors at once, even
+    inside a checkpointed layer. In chunks of 8k tokens that is 0.23 GiB each. The price is one more MLP forward
+    per layer, which at those lengths is small next to attention. `params` are fn's trainable parameters
+    (LoRA A/B): their gradients are summed over the chunks and returned, as in _CheckpointedLayer."""
+    return _ChunkedTokens.apply(fn, chunk, x, *params)
+
+
+class _ChunkedTokens(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, fn, chunk, x, *params):
+        ctx.fn, ctx.chunk = fn, chunk
+        ctx.rng = _get_rng(x.device)  # restored once for the recompute, whose chunks draw in the same order
+        ctx.autocast = (torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type))
+        ctx.save_for_backward(x, *params)
+        flat = x.reshape(-1, x.shape[-1])  # [N, H_in]
+        out = None
+        for i in range(0, flat.shape[0], chunk):
+            y = fn(flat[i:i + chunk])  # [chunk, H_out]
+            if out is None:
+                out = y.new_empty(flat.shape[0], y.shape[-1])
+            out[i:i + chunk] = y
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, *params = ctx.saved_tensors
+        flat, dy = x.reshape(-1, x.shape[-1]), grad_out.reshape(-1, grad_out.shape[-1])
+        dx = torch.empty_like(flat) if ctx.needs_input_grad[2] else None
+        dparams = [None] * len(params)
+        cuda = [x.device] if x.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda, device_type="cuda"):
+            _set_rng(ctx.rng, x.device)
+            for i in range(0, flat.shape[0], ctx.chunk):
+                xc = flat[i:i + ctx.chunk].detach().requires_grad_(dx is not None)
+                with torch.enable_grad(), torch.autocast(x.device.type, enabled=ctx.autocast[0],
+                                                         dtype=ctx.autocast[1]):
+                    y = ctx.fn(xc)
+                wrt = ([xc] if dx is not None else []) + params
+                grads = torch.autograd.grad(y, wrt, dy[i:i + ctx.chunk], allow_unused=True)
+                if dx is not None:
+                    dx[i:i + ctx.chunk] = grads[0]
+                for j, g in enumerate(grads[len(wrt) - len(params):]):
+                    if g is not None:
+                        dparams[j] = g if dparams[j] is None else dparams[j].add_(g)
+        return (None, None, None if dx is None else dx.view(x.shape), *dparams)
+
+
 # --- offloading ----------------------------------------------------------------------------------------------
 class HostOffloader:
     """Moves checkpointed layer inputs to host memory and back; one per model, shared by its offloaded layers.
@@ -125,27 +184,40 @@ class HostOffloader:
         fetch:  side waits for main (the destination block is free on main) -> side copies host -> GPU,
                 records an event -> main waits for that event only
     `pending` lists the stashes in forward order, weakly, so a graph dropped without backward frees its buffers.
+
+    Host memory comes in pieces of one size class, `min(slab_bytes, next power of two >= the input)`, and an
+    input larger than a slab spans several. Why not one buffer per input: pinned memory is allocated by torch's
+    caching host allocator in powers of two, so one 2.9 GiB input (8B model, 360k tokens) would pin 4 GiB, and
+    32 of them more than the host has; in 64 MiB slabs the waste is under 64 MiB an input. Sequence lengths that
+    vary step to step reuse the same slabs.
     """
 
-    def __init__(self):
+    def __init__(self, slab_bytes: int = 2**26):
+        self.slab_bytes = slab_bytes
         self.pool: list[_HostBuffer] = []
         self.pending: list[weakref.ref] = []
         self.stream: torch.cuda.Stream | None = None  # made on first CUDA use
 
     def stash(self, x: torch.Tensor) -> _Stash:
+        x = x.contiguous()
         nbytes = x.numel() * x.element_size()
-        buf = self._acquire(nbytes, x.device)
-        host = buf.data[:nbytes].view(x.dtype).view(x.shape)  # [B, T, H] view of the pooled bytes
+        src = x.view(-1).view(torch.uint8)  # [nbytes]: the input's bytes, whatever its dtype
+        bufs = self._acquire(nbytes, x.device)
+        size = bufs[0].data.numel()
+        pieces = [b.data[:min(size, nbytes - i * size)] for i, b in enumerate(bufs)]  # host views, in order
         if x.is_cuda:
             side = self._side_stream(x.device)
             side.wait_stream(torch.cuda.current_stream(x.device))
             with torch.cuda.stream(side):
-                host.copy_(x, non_blocking=True)
+                for i, piece in enumerate(pieces):
+                    piece.copy_(src[i * size:i * size + piece.numel()], non_blocking=True)
             x.record_stream(side)
         else:
-            host.copy_(x)
-        st = _Stash(self, host, x.device)
-        buf.owner = weakref.ref(st)
+            for i, piece in enumerate(pieces):
+                piece.copy_(src[i * size:i * size + piece.numel()])
+        st = _Stash(self, pieces, x.shape, x.dtype, x.device)
+        for b in bufs:
+            b.owner = weakref.ref(st)
         self.pending = [r for r in self.pending if r() is not None] + [weakref.ref(st)]
         return st
 
@@ -156,19 +228,22 @@ class HostOffloader:
         if self.pending:
             self.pending[-1]().start_fetch()
 
-    def _acquire(self, nbytes: int, device: torch.device) -> _HostBuffer:
-        """The smallest free pooled buffer that fits; else a new one (power-of-two size, so sequence lengths
-        that vary step to step settle on a few sizes), replacing a free buffer that was too small."""
+    def _acquire(self, nbytes: int, device: torch.device) -> list[_HostBuffer]:
+        """ceil(nbytes / size) free pooled buffers of this input's size class, allocating what is missing.
+        Free buffers of other size classes are released first when new memory is needed, so the pool follows
+        the workload instead of growing with every sequence length it has seen."""
+        size = min(self.slab_bytes, max(2**21, 1 << (nbytes - 1).bit_length()))
+        count = -(-nbytes // size)
         free = [b for b in self.pool if b.owner is None or b.owner() is None]
-        fits = [b for b in free if b.data.numel() >= nbytes]
-        if fits:
-            return min(fits, key=lambda b: b.data.numel())
-        if free:
-            self.pool.remove(min(free, key=lambda b: b.data.numel()))
-        size = max(2**21, 1 << (nbytes - 1).bit_length())
-        buf = _HostBuffer(torch.empty(size, dtype=torch.uint8, pin_memory=device.type == "cuda"))
-        self.pool.append(buf)
-        return buf
+        fits = [b for b in free if b.data.numel() == size][:count]
+        if len(fits) < count:
+            self.pool = [b for b in self.pool if b in fits or not (b.owner is None or b.owner() is None)
+                         or b.data.numel() == size]
+            pin = device.type == "cuda"
+            new = [_HostBuffer(torch.empty(size, dtype=torch.uint8, pin_memory=pin)) for _ in range(count - len(fits))]
+            self.pool += new
+            fits += new
+        return fits
 
     def _side_stream(self, device: torch.device) -> torch.cuda.Stream:
         if self.stream is None or self.stream.device != device:
@@ -185,24 +260,31 @@ class _HostBuffer:
 
 
 class _Stash:
-    """One layer input living in a host buffer until its layer's backward brings it back."""
+    """One layer input living in host buffers until its layer's backward brings it back."""
 
-    def __init__(self, offloader: HostOffloader, host: torch.Tensor, device: torch.device):
-        self.offloader, self.host, self.device = offloader, host, device
+    def __init__(self, offloader: HostOffloader, pieces: list[torch.Tensor], shape, dtype, device: torch.device):
+        self.offloader, self.pieces, self.device = offloader, pieces, device
+        self.shape, self.dtype = shape, dtype
         self.on_device: torch.Tensor | None = None
         self.ready: torch.cuda.Event | None = None
+
+    def _copy_back(self, dst: torch.Tensor, non_blocking: bool) -> None:
+        out, at = dst.view(-1).view(torch.uint8), 0
+        for piece in self.pieces:
+            out[at:at + piece.numel()].copy_(piece, non_blocking=non_blocking)
+            at += piece.numel()
 
     def start_fetch(self) -> None:
         if self.on_device is not None:
             return  # already prefetched
+        self.on_device = torch.empty(self.shape, dtype=self.dtype, device=self.device)
         if self.device.type != "cuda":
-            self.on_device = self.host.clone()
+            self._copy_back(self.on_device, non_blocking=False)
             return
         main, side = torch.cuda.current_stream(self.device), self.offloader._side_stream(self.device)
-        self.on_device = torch.empty(self.host.shape, dtype=self.host.dtype, device=self.device)
         side.wait_stream(main)
         with torch.cuda.stream(side):
-            self.on_device.copy_(self.host, non_blocking=True)
+            self._copy_back(self.on_device, non_blocking=True)
             self.ready = torch.cuda.Event()
             self.ready.record(side)
 

@@ -4,7 +4,8 @@ the GPU as fit and checkpoint (with offload) only the rest.
 Unsloth makes its user pick one mode for the whole model: checkpoint everything and offload (lean, slower) or
 nothing (fast, 3-4x the memory). Between the two there is a whole curve, one layer at a time. This file
 predicts the peak memory of a training step for any per-layer choice of `minilora.checkpointing` modes and
-picks the fastest choice that fits; the caller applies it with `set_checkpointing(model, plan.modes)`.
+picks the fastest choice that fits; the caller applies it with
+`set_checkpointing(model, plan.modes, plan.mlp_chunk)`.
 
 The memory model of one step (bytes; layers i = 0..n-1 in forward order):
 
@@ -32,6 +33,9 @@ The policy, in layer order:   [offload × a] [recompute × b] [off × c]
 Off layers sit at the end because their backward comes first: their activations are freed before any
 recompute starts, so the recomputed layer never coexists with them (one layer less at the peak).
 Each step stops at the first layer that does not fit, so a larger budget never gives fewer off layers.
+When not even every layer offloaded fits, what is left at long context is one layer's [tokens, intermediate]
+MLP activations: the layers are measured again with their MLP in chunks of MLP_CHUNK_TOKENS tokens, each
+recomputed in its backward (`checkpoint_chunks`), and the same policy runs on those costs.
 """
 from __future__ import annotations
 
@@ -45,6 +49,9 @@ from minilora.checkpointing import MODES, HostOffloader, LayerCheckpoint
 from minilora.config import ModelConfig
 
 GiB = 2**30
+# Tokens per MLP chunk when the MLP must run in chunks (checkpoint_chunks): an 8B model's [8192, 14336] bf16
+# activations are 0.22 GiB each, and a GEMM of 8192 rows still runs at full speed.
+MLP_CHUNK_TOKENS = 8192
 INFEASIBLE = 1 << 62  # cost of a mode that did not even run in the dry measurement (out of memory)
 
 
@@ -78,9 +85,11 @@ class Plan:
     lean: int  # predicted peak with every layer offloaded: the least this batch can train in
     full: int  # predicted peak with no checkpointing at all
     ce_chunk_size: int | None = None  # rows per chunk of the loss head that the prediction assumed
+    mlp_chunk: int | None = None  # tokens per MLP chunk (set_checkpointing's mlp_chunk) that it assumed
 
     def counts(self) -> str:
-        return " ".join(f"{m}x{self.modes.count(m)}" for m in MODES if m in self.modes)
+        counts = " ".join(f"{m}x{self.modes.count(m)}" for m in MODES if m in self.modes)
+        return counts + (f", MLP in chunks of {self.mlp_chunk} tokens" if self.mlp_chunk else "")
 
     def __str__(self) -> str:
         return (f"{self.counts()}: predicted peak {fmt_bytes(self.peak)} of {fmt_bytes(self.budget)} (all offloaded "
@@ -130,7 +139,7 @@ def plan_checkpointing(costs: list[LayerCosts], fixed: int, head: int, dy: int, 
 # --- the formula: what autograd keeps in minilora's layers ---------------------------------------------------
 
 def estimate_layer_costs(config: ModelConfig, batch: int, seq: int, dtype_bytes: int = 2,
-                         r: int = 16) -> list[LayerCosts]:
+                         r: int = 16, mlp_chunk: int | None = None) -> list[LayerCosts]:
     """Per-layer costs from a count of the tensors minilora's decoder layer saves for backward on the torch
     reference path, which CPU runs take (bf16: b = 2, N = batch·seq tokens; on CUDA the fused kernels keep less,
     and `measure_layer_costs` reads that off the device instead):
@@ -145,8 +154,11 @@ def estimate_layer_costs(config: ModelConfig, batch: int, seq: int, dtype_bytes:
         soft-capped        (Gemma 2: explicit scores) q, GQA-repeated k and v, o_proj's input copy, and per
                            score the tanh output (b), fp32 softmax (4), bf16 probabilities (b); a bool mask
         qk_norm            an RMSNorm over head_dim on q and one on k
-        gated MLP          gate output, act(gate), up output, their product (down's input): 4 [N, I]
-    Transients (forward and backward peaks) are rougher: the largest dequantized weight, three [N, I]."""
+        gated MLP          gate output, act(gate), up output, their product (down's input): 4 [N, I];
+                           in chunks (`mlp_chunk` tokens, checkpoint_chunks): nothing more (it keeps only
+                           its input, the norm's output counted above)
+    Transients (forward and backward peaks) are rougher: the largest dequantized weight, three [N, I]
+    (three [chunk, I] in chunks, and the chunk's own activations in backward)."""
     c, b = config, dtype_bytes
     N, H, I, D = batch * seq, c.hidden_size, c.intermediate_size, c.head_dim
     nh, nkv = c.num_attention_heads, c.num_key_value_heads
@@ -155,8 +167,11 @@ def estimate_layer_costs(config: ModelConfig, batch: int, seq: int, dtype_bytes:
     def norm(rows, width, output_saved):
         return (4 + (b if output_saved else 0)) * rows * width + 4 * rows
 
-    lora_weights = r * (2 * (H + nh * D) + 2 * (H + nkv * D) + 3 * (H + I))  # A [r, in] + B [out, r], 7 modules
-    acts = 2 * norm(N, H, True) + 7 * b * N * r + (b * lora_weights if b < 4 else 0) + 4 * b * N * I
+    chunked = mlp_chunk is not None and N > mlp_chunk
+    # A [r, in] + B [out, r] of the 7 modules; the MLP's three keep theirs (and xa) per chunk only, when chunked
+    lora_weights = r * (2 * (H + nh * D) + 2 * (H + nkv * D) + (0 if chunked else 3 * (H + I)))
+    lora = (4 if chunked else 7) * b * N * r
+    acts = 2 * norm(N, H, True) + lora + (b * lora_weights if b < 4 else 0) + (0 if chunked else 4 * b * N * I)
     if c.sandwich_norm:
         acts += 2 * norm(N, H, False)
     if c.attn_logit_softcapping is None:
@@ -166,7 +181,8 @@ def estimate_layer_costs(config: ModelConfig, batch: int, seq: int, dtype_bytes:
     if c.qk_norm:
         acts += norm(N * nh, D, False) + norm(N * nkv, D, False)
     weight = b * max(I, nh * D) * H  # the largest dequantized weight, a temporary in forward and backward
-    mlp = 3 * b * N * I  # gate, up and their product alive at once: no-grad MLP forward, MLP backward
+    # gate, up and their product alive at once: no-grad MLP forward, MLP backward (a chunk's, and its saved four)
+    mlp = 7 * b * mlp_chunk * I if chunked else 3 * b * N * I
     costs = {
         "off": ModeCost(kept=acts, forward=x + acts + x + weight, backward=mlp + weight + x),
         "recompute": ModeCost(kept=x, forward=x + x + mlp + weight, backward=acts + mlp + weight + x),
@@ -300,7 +316,8 @@ def auto_checkpointing(model, batch: int, seq: int, budget: int | None = None, r
 
     `reserve` (default 128 MiB + 2% of the budget) is kept back for what the model does not see (cuBLAS
     workspaces, allocator rounding). The loss head's chunk size is chosen too: the largest of `chunk_sizes`
-    (default: the loss's own default, then 1/4 and 1/16 of it) with which a plan fits."""
+    (default: the loss's own default, then 1/4 and 1/16 of it) with which a plan fits; and, only if none does,
+    the MLP in chunks of MLP_CHUNK_TOKENS tokens (`plan.mlp_chunk`, for set_checkpointing)."""
     from minilora.loss import default_chunk_size
 
     device = model.lm_head.weight.device
@@ -310,22 +327,31 @@ def auto_checkpointing(model, batch: int, seq: int, budget: int | None = None, r
     dtype = model.model.embed_tokens.weight.dtype
     dy = batch * seq * model.config.hidden_size * torch.finfo(dtype).bits // 8
     r = max((getattr(m, "r", 0) for m in model.modules()), default=0)
-    costs = (measure_layer_costs(model, batch, seq) if cuda else
-             estimate_layer_costs(model.config, batch, seq, torch.finfo(dtype).bits // 8, r))
-    # after the dry runs: what they allocated for good (cuBLAS workspaces) is part of the fixed bytes now
-    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    fixed = (torch.cuda.memory_allocated(device) if cuda else model_bytes(model)) + 3 * trainable
     rows = default_chunk_size(batch * seq, model.config.vocab_size, device)
+    # MLP in token chunks only when nothing fits without: it costs one more MLP forward per layer
+    mlp_chunks = [None] + ([MLP_CHUNK_TOKENS] if batch * seq > MLP_CHUNK_TOKENS else [])
     error = None
-    for chunk in chunk_sizes or [rows, max(1, rows // 4), max(1, rows // 16)]:
-        chunk = chunk or rows
-        head = (measure_head_bytes(model, batch, seq, chunk) if cuda else
-                estimate_head_bytes(model.config, batch, seq, chunk, torch.finfo(dtype).bits // 8))
+    for mlp_chunk in mlp_chunks:
+        for layer in model.model.layers:  # the dry runs below measure the layers as they will run
+            layer.mlp.chunk_tokens = mlp_chunk
         try:
-            plan = plan_checkpointing(costs, fixed, head, dy, budget, reserve)
-        except MemoryBudgetError as e:
-            error = e
-            continue
-        plan.ce_chunk_size = chunk
-        return plan
+            costs = (measure_layer_costs(model, batch, seq) if cuda else
+                     estimate_layer_costs(model.config, batch, seq, torch.finfo(dtype).bits // 8, r, mlp_chunk))
+        finally:
+            for layer in model.model.layers:
+                layer.mlp.chunk_tokens = None  # the caller applies the plan's with set_checkpointing
+        # after the dry runs: what they allocated for good (cuBLAS workspaces) is part of the fixed bytes now
+        trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        fixed = (torch.cuda.memory_allocated(device) if cuda else model_bytes(model)) + 3 * trainable
+        for chunk in chunk_sizes or [rows, max(1, rows // 4), max(1, rows // 16)]:
+            chunk = chunk or rows
+            head = (measure_head_bytes(model, batch, seq, chunk) if cuda else
+                    estimate_head_bytes(model.config, batch, seq, chunk, torch.finfo(dtype).bits // 8))
+            try:
+                plan = plan_checkpointing(costs, fixed, head, dy, budget, reserve)
+            except MemoryBudgetError as e:
+                error = e
+                continue
+            plan.ce_chunk_size, plan.mlp_chunk = chunk, mlp_chunk
+            return plan
     raise error

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minilora.checkpointing import checkpoint_chunks
 from minilora.config import ModelConfig, rope_inv_freq
 from minilora.kernels.gated_act import gated_act
 from minilora.kernels.rmsnorm import rmsnorm
@@ -95,8 +96,17 @@ class GatedMLP(nn.Module):
         if config.hidden_act not in GATED_ACTIVATIONS:
             raise ValueError(f"unsupported hidden_act {config.hidden_act!r}; supported: {sorted(GATED_ACTIVATIONS)}")
         self.activation = GATED_ACTIVATIONS[config.hidden_act]
+        self.chunk_tokens: int | None = None  # set by minilora.checkpointing.set_checkpointing(mlp_chunk=...)
 
-    def forward(self, x):
+    def forward(self, x):  # [B, T, H] -> [B, T, H]
+        if self.chunk_tokens is not None and x.shape[:-1].numel() > self.chunk_tokens:
+            # long sequences: chunks of tokens, each recomputed in backward, so the [tokens, I] activations
+            # below exist for one chunk at a time (minilora/checkpointing.py, checkpoint_chunks)
+            params = [p for p in self.parameters() if p.requires_grad]
+            return checkpoint_chunks(self._forward, x, params, self.chunk_tokens)
+        return self._forward(x)
+
+    def _forward(self, x):
         g, u = self.gate_proj(x), self.up_proj(x)  # [B, T, I] each
         # A LoRALinear down_proj (minilora/lora.py) takes g and u itself: on CUDA it fuses the activation into
         # its autograd Function and recomputes act(g) * u in backward instead of keeping it.

@@ -24,6 +24,7 @@ the LM head, P_layer one layer's, P_lora the adapters':
     + recompute 2N P_layer for each checkpointed layer
     + adapters 2N P_lora x (3: forward, input and weight gradients; +1 when recomputed)
     + attention 4 B nh D x (causal query-key pairs) per layer forward, x3 with backward, +1 when recomputed
+    + the MLP's forward once more when it runs in token chunks (--mlp_chunk, or --gc auto at long context)
 MFU = FLOPs / step_s / peak. Peak: `--peak_tflops`, default 989 (H100 SXM, dense bf16). Recompute is counted
 as work done, so checkpointed runs score a little higher than their tokens/s alone would say.
 """
@@ -136,8 +137,10 @@ def causal_pairs(seq: int, window: int | None) -> int:
     return window * (window + 1) // 2 + (seq - window) * window
 
 
-def train_flops(config: ModelConfig, batch: int, seq: int, modes: list[str], r: int = 16) -> float:
-    """FLOPs of one training step under the model in the module docstring; modes: one per decoder layer."""
+def train_flops(config: ModelConfig, batch: int, seq: int, modes: list[str], r: int = 16,
+                mlp_chunk: int | None = None) -> float:
+    """FLOPs of one training step under the model in the module docstring; modes: one per decoder layer.
+    An MLP in token chunks (mlp_chunk < batch x seq) recomputes its forward once more in backward."""
     c = config
     H, I, D, V = c.hidden_size, c.intermediate_size, c.head_dim, c.vocab_size
     nh, nkv, L = c.num_attention_heads, c.num_key_value_heads, c.num_hidden_layers
@@ -147,6 +150,8 @@ def train_flops(config: ModelConfig, batch: int, seq: int, modes: list[str], r: 
     n_ckpt = sum(m != "off" for m in modes)
     flops = 2 * tokens * (2 * (L * p_layer + H * V) + n_ckpt * p_layer)
     flops += 2 * tokens * p_lora * (3 * L + n_ckpt)
+    if mlp_chunk is not None and tokens > mlp_chunk:
+        flops += 2 * tokens * L * (3 * H * I + r * 3 * (H + I))  # gate, up, down and their adapters, again
     for layer_type, mode in zip(c.layer_types, modes):
         window = c.sliding_window if layer_type == "sliding_attention" else None
         fwd = 4 * batch * nh * D * causal_pairs(seq, window)  # Q Kᵀ and P V
@@ -213,18 +218,18 @@ def run(args) -> dict:
           flush=True)
 
     out = {}
-    chunk = args.ce_chunk
+    chunk, mlp_chunk = args.ce_chunk, args.mlp_chunk
     if args.gc == "auto":
         budget = None if args.max_memory_gb is None else int(args.max_memory_gb * GiB)
         plan = auto_checkpointing(model, args.batch_size, args.seq_len, budget)
         print(f"auto checkpointing: {plan}", flush=True)
-        modes, chunk = plan.modes, chunk or plan.ce_chunk_size
+        modes, chunk, mlp_chunk = plan.modes, chunk or plan.ce_chunk_size, mlp_chunk or plan.mlp_chunk
         out.update(budget_gb=plan.budget / GiB, predicted_peak_gb=plan.peak / GiB)
     else:
         modes = [args.gc] * config.num_hidden_layers
         if args.max_memory_gb is not None:
             print(f"note: --max_memory_gb applies to --gc auto only; --gc {args.gc} ignores it", flush=True)
-    set_checkpointing(model, modes)
+    set_checkpointing(model, modes, mlp_chunk)
     opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.01, fused=cuda)
 
     data = random_batches(config.vocab_size, args.batch_size, args.seq_len, args.warmup + args.steps)
@@ -245,7 +250,7 @@ def run(args) -> dict:
         print_profile(model, opt, data[-1], config, chunk, device)
 
     step = statistics.median(times[args.warmup:])
-    flops = train_flops(config, args.batch_size, args.seq_len, modes, args.r)
+    flops = train_flops(config, args.batch_size, args.seq_len, modes, args.r, mlp_chunk)
     out.update(
         step_s=step, tok_s=args.batch_size * args.seq_len / step,
         peak_alloc_gb=torch.cuda.max_memory_allocated(device) / GiB if cuda else None,
@@ -253,7 +258,7 @@ def run(args) -> dict:
         first_loss=losses[0], last_loss=losses[-1], load_s=load_s, trainable=sum(p.numel() for p in params),
         mfu=flops / step / (args.peak_tflops * 1e12), tflops=flops / step / 1e12, flops_per_step=flops,
         modes=" ".join(f"{m}x{modes.count(m)}" for m in ("off", "recompute", "offload") if m in modes),
-        ce_chunk=chunk, kernels=os.environ.get("MINILORA_TRITON", "1"),
+        ce_chunk=chunk, mlp_chunk=mlp_chunk, kernels=os.environ.get("MINILORA_TRITON", "1"),
         device=torch.cuda.get_device_name(device) if cuda else "cpu", torch=torch.__version__,
     )
     return out
@@ -279,6 +284,8 @@ def main():
                    help="--gc auto: peak allocated GiB (2^30 bytes, as peak_alloc_gb) to stay under "
                         "(default: what the GPU has free)")
     p.add_argument("--ce_chunk", type=int, default=None, help="rows per loss-head chunk (default: the loss's)")
+    p.add_argument("--mlp_chunk", type=int, default=None,
+                   help="tokens per MLP chunk, each recomputed in backward (default: whole, or --gc auto's plan)")
     # report
     p.add_argument("--profile", action="store_true", help="after the timed steps, profile one more and print "
                    "the kernels that take the most device time")

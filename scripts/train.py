@@ -166,7 +166,7 @@ if args.gradient_checkpointing == "auto":
     except MemoryBudgetError as e:
         sys.exit(f"--max_memory_gb: {e}")
     print(f"auto checkpointing for {args.per_device_train_batch_size} x {seq} tokens: {plan}")
-    set_checkpointing(model, plan.modes)
+    set_checkpointing(model, plan.modes, plan.mlp_chunk)
     ce_chunk_size = plan.ce_chunk_size
 else:
     set_checkpointing(model, args.gradient_checkpointing)

@@ -39,8 +39,8 @@ def batch(packed: bool, B=2, T=12, V=97):
     return ids, pos
 
 
-def loss_and_grads(model, modes, ids, pos):
-    set_checkpointing(model, modes)
+def loss_and_grads(model, modes, ids, pos, mlp_chunk=None):
+    set_checkpointing(model, modes, mlp_chunk)
     model.zero_grad(set_to_none=True)
     logits = model(ids, pos)  # [B, T, V]
     loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
@@ -69,6 +69,73 @@ def test_all_modes_give_the_same_gradients(cfg, packed):
     assert len(ref[1]) == len(list(model.parameters()))  # every parameter got a gradient
     for modes in MODES:
         assert_same(str(modes), loss_and_grads(model, modes, ids, pos), ref)
+
+
+@pytest.mark.parametrize("cfg", [LLAMA, GEMMA2], ids=["llama", "gemma2"])
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
+def test_mlp_in_token_chunks_gives_the_same_gradients(cfg, packed):
+    """The MLP in chunks of 5 tokens (24 tokens: four whole chunks and a partial one), recomputed in backward,
+    in every layer mode: loss and every gradient as the plain model's."""
+    model = tiny_model(cfg)
+    ids, pos = batch(packed)
+    ref = loss_and_grads(model, "off", ids, pos)
+    for modes in ["off", *MODES]:
+        assert_same(f"mlp_chunk=5 {modes}", loss_and_grads(model, modes, ids, pos, mlp_chunk=5), ref)
+    set_checkpointing(model, "off")
+    assert all(layer.mlp.chunk_tokens is None for layer in model.model.layers)
+    with pytest.raises(ValueError, match="mlp_chunk must be a positive"):
+        set_checkpointing(model, "off", mlp_chunk=0)
+
+
+def test_mlp_chunks_keep_only_their_input_and_replay_lora_dropout():
+    """With LoRA dropout: the chunked MLP's gradients equal plain autograd over the same chunks under the same
+    seed (its recompute drew the same masks), and autograd keeps only the MLP's input for backward."""
+    from minilora.lora import inject_lora
+    model = tiny_model()
+    inject_lora(model, r=4, lora_alpha=8, lora_dropout=0.5)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.1)  # B = 0 would make every A gradient zero
+    mlp = model.model.layers[0].mlp
+    x0 = torch.randn(2, 12, LLAMA["hidden_size"])
+    params = [p for p in mlp.parameters() if p.requires_grad]
+
+    def grads(chunked: bool):
+        torch.manual_seed(7)
+        x = x0.clone().requires_grad_()
+        if chunked:
+            mlp.chunk_tokens = 5
+            y = mlp(x)
+        else:  # the same chunks through plain autograd, which keeps everything
+            mlp.chunk_tokens = None
+            y = torch.cat([mlp(c) for c in x.reshape(-1, x.shape[-1]).split(5)]).view(x.shape)
+        return torch.autograd.grad(y.square().sum(), [x, *params])
+
+    ref, got = grads(False), grads(True)
+    for i, (a, b) in enumerate(zip(got, ref)):  # parameter gradients are summed in another order: relative
+        assert report(f"dropout chunked grad {i}", a, b)[0] <= 1e-6 * b.abs().max(), b.abs().max()
+    saved = []
+    mlp.chunk_tokens = 5
+    x = x0.clone().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        mlp(x)
+    assert sum(t.numel() for t in saved) == x.numel() + sum(p.numel() for p in params)
+
+
+def test_offload_spans_several_host_slabs():
+    """An input larger than a slab goes to host memory in slab-sized pieces and comes back intact; a later,
+    smaller input reuses the freed slabs instead of allocating."""
+    offloader = HostOffloader(slab_bytes=2**21)
+    x = torch.randn(3, 500_000)  # 6 MB: three 2 MiB slabs
+    st = offloader.stash(x)
+    assert len(offloader.pool) == 3 and all(b.data.numel() == 2**21 for b in offloader.pool)
+    assert torch.equal(st.fetch(), x)
+    del st
+    y = torch.randn(2, 300_000).to(torch.bfloat16)  # 1.2 MB: one slab of the same 2 MiB class
+    st = offloader.stash(y)
+    assert len(offloader.pool) == 3
+    assert torch.equal(st.fetch(), y)
 
 
 def test_frozen_embeddings_still_train_the_layers():

@@ -149,14 +149,16 @@ def saved_bytes(model, mode: str, B: int, T: int) -> int:
 
 
 @pytest.mark.parametrize("cfg", [LLAMA, GEMMA2, QWEN3], ids=["llama", "gemma2", "qwen3"])
-@pytest.mark.parametrize("B,T", [(2, 48), (1, 96)])
-def test_formula_matches_what_autograd_saves(cfg, B, T):
+@pytest.mark.parametrize("B,T,mlp_chunk", [(2, 48, None), (1, 96, None), (2, 48, 20)])
+def test_formula_matches_what_autograd_saves(cfg, B, T, mlp_chunk):
     model = tiny_qlora(cfg)
-    est = estimate_layer_costs(model.config, B, T, dtype_bytes=2, r=4)[0]
+    set_checkpointing(model, "off", mlp_chunk=mlp_chunk)
+    est = estimate_layer_costs(model.config, B, T, dtype_bytes=2, r=4, mlp_chunk=mlp_chunk)[0]
     for mode in ("off", "recompute"):
         got = saved_bytes(model, mode, B, T)
         diff = abs(est[mode].kept - got)
-        print(f"{cfg['model_type']} {mode} B={B} T={T}: formula {est[mode].kept} B, saved {got} B, diff {diff}")
+        print(f"{cfg['model_type']} {mode} B={B} T={T} mlp_chunk={mlp_chunk}: formula {est[mode].kept} B, "
+              f"saved {got} B, diff {diff}")
         # left out of the formula: the cos/sin tables (bf16 [B, T, D] each, shared by all layers) and Gemma's
         # fp32 (1 + w) [H] in each of its four norms
         slack = 2 * 2 * B * T * model.config.head_dim + (4 * 4 * model.config.hidden_size if cfg is GEMMA2 else 0)
@@ -204,6 +206,26 @@ def test_auto_plan_trains_like_no_checkpointing():
     assert got.keys() == ref.keys() and len(got) == 7 * 4 * 2
     worst = max(report(f"grad {n}", got[n], ref[n])[0] for n in ref)
     assert worst <= 1e-6
+
+
+def test_long_sequences_fall_back_to_mlp_chunks():
+    """A budget that not even every layer offloaded meets, but the same with the MLP in token chunks does:
+    the plan chunks the MLP (and only then); below the chunked lean footprint it is an error."""
+    from minilora.memory_policy import MLP_CHUNK_TOKENS
+    model = tiny_qlora(LLAMA, dtype=torch.float32)
+    B, T = 1, 4 * MLP_CHUNK_TOKENS  # the formula only: no tensor of this size is made on the CPU
+    whole = auto_checkpointing(model, B, T, budget=1000 * GiB, reserve=0, chunk_sizes=[64])
+    assert whole.mlp_chunk is None
+    config, fixed_bytes = model.config, whole.fixed
+    chunked_lean = predict_peak(["offload"] * 4, estimate_layer_costs(config, B, T, 4, 4, MLP_CHUNK_TOKENS),
+                                fixed_bytes, whole.head, B * T * config.hidden_size * 4)
+    print(f"lean: whole MLP {fmt_bytes(whole.lean)}, in chunks {fmt_bytes(chunked_lean)}")
+    assert chunked_lean < whole.lean
+    plan = auto_checkpointing(model, B, T, budget=(chunked_lean + whole.lean) // 2, reserve=0, chunk_sizes=[64])
+    print(plan)
+    assert plan.mlp_chunk == MLP_CHUNK_TOKENS and plan.lean == chunked_lean and "MLP in chunks" in str(plan)
+    with pytest.raises(MemoryBudgetError, match="too small"):
+        auto_checkpointing(model, B, T, budget=chunked_lean - 1, reserve=0, chunk_sizes=[64])
 
 
 def test_auto_plan_error_names_the_budget():
