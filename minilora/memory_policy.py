@@ -86,6 +86,7 @@ class Plan:
     full: int  # predicted peak with no checkpointing at all
     ce_chunk_size: int | None = None  # rows per chunk of the loss head that the prediction assumed
     mlp_chunk: int | None = None  # tokens per MLP chunk (set_checkpointing's mlp_chunk) that it assumed
+    host: int = 0  # bytes of layer inputs offloaded to host memory
 
     def counts(self) -> str:
         counts = " ".join(f"{m}x{self.modes.count(m)}" for m in MODES if m in self.modes)
@@ -94,7 +95,7 @@ class Plan:
     def __str__(self) -> str:
         return (f"{self.counts()}: predicted peak {fmt_bytes(self.peak)} of {fmt_bytes(self.budget)} (all offloaded "
                 f"{fmt_bytes(self.lean)}, none checkpointed {fmt_bytes(self.full)}; fixed {fmt_bytes(self.fixed)}, "
-                f"loss head {fmt_bytes(self.head)})")
+                f"loss head {fmt_bytes(self.head)}; offloaded to host {fmt_bytes(self.host)})")
 
 
 # --- the selection, pure arithmetic ------------------------------------------------------------------------
@@ -108,16 +109,20 @@ def predict_peak(modes: list[str], costs: list[LayerCosts], fixed: int, head: in
 
 
 def plan_checkpointing(costs: list[LayerCosts], fixed: int, head: int, dy: int, budget: int,
-                       reserve: int = 0) -> Plan:
+                       reserve: int = 0, host_budget: int | None = None) -> Plan:
     """The per-layer modes with the most off layers, then the most recompute layers, whose predicted peak
-    fits `budget - reserve`; layout [offload...][recompute...][off...]. Raises MemoryBudgetError if none does."""
+    fits `budget - reserve`; layout [offload...][recompute...][off...]. Raises MemoryBudgetError if none does.
+
+    `host_budget`: bytes of host memory the offloaded inputs (dy bytes each) may take. At long context they are
+    gigabytes a layer, and running out of host memory kills the process instead of raising: when the plan
+    offloads too much, it trades off layers for recompute layers (one off layer's activations hold several
+    layers' inputs) until the host side fits."""
     n, limit = len(costs), budget - reserve
 
     def peak(modes):
         return predict_peak(modes, costs, fixed, head, dy)
 
-    modes = ["offload"] * n
-    lean, full = peak(modes), peak(["off"] * n)
+    lean, full = peak(["offload"] * n), peak(["off"] * n)
     if lean > limit:
         layer = max(dy + c["offload"].backward for c in costs)
         raise MemoryBudgetError(
@@ -125,15 +130,30 @@ def plan_checkpointing(costs: list[LayerCosts], fixed: int, head: int, dy: int, 
             f"step needs ~{fmt_bytes(lean)} (weights, LoRA and optimizer {fmt_bytes(fixed)}, loss head "
             f"{fmt_bytes(head)}, one layer's backward {fmt_bytes(layer)}), plus {fmt_bytes(reserve)} kept in "
             f"reserve. Lower batch_size x seq_len, or raise the budget (--max_memory_gb)")
-    for new in ("off", "recompute"):  # off layers first (from the end), then recompute below them
-        for i in reversed(range(n)):
-            if modes[i] != "offload":
-                continue
-            trial = modes[:i] + [new] + modes[i + 1:]
-            if peak(trial) > limit:
-                break
-            modes = trial
-    return Plan(modes, peak(modes), budget, fixed, head, lean, full)
+
+    def fill(max_off: int) -> list[str]:
+        modes = ["offload"] * n
+        for new in ("off", "recompute"):  # off layers first (from the end), then recompute below them
+            for i in reversed(range(n)):
+                if modes[i] != "offload":
+                    continue
+                trial = modes[:i] + [new] + modes[i + 1:]
+                if (new == "off" and trial.count("off") > max_off) or peak(trial) > limit:
+                    break
+                modes = trial
+        return modes
+
+    modes = fill(n)
+    max_off = modes.count("off")
+    while host_budget is not None and modes.count("offload") * dy > host_budget:
+        if max_off == 0:
+            raise MemoryBudgetError(
+                f"host memory is too small: within the GPU budget of {fmt_bytes(budget)}, {modes.count('offload')} "
+                f"layer inputs of {fmt_bytes(dy)} each must go to host memory ({fmt_bytes(modes.count('offload') * dy)}"
+                f"), and {fmt_bytes(host_budget)} is available. Lower batch_size x seq_len, or raise the GPU budget")
+        max_off -= 1
+        modes = fill(max_off)
+    return Plan(modes, peak(modes), budget, fixed, head, lean, full, host=modes.count("offload") * dy)
 
 
 # --- the formula: what autograd keeps in minilora's layers ---------------------------------------------------
@@ -290,6 +310,18 @@ def default_budget(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int((free + torch.cuda.memory_reserved(device)) * 0.92)
+    return _available_ram()
+
+
+def _available_ram() -> int:
+    """MemAvailable (free plus reclaimable page cache), falling back to free pages where /proc is missing."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
@@ -309,7 +341,8 @@ def model_bytes(model) -> int:
 
 
 def auto_checkpointing(model, batch: int, seq: int, budget: int | None = None, reserve: int | None = None,
-                       chunk_sizes: list[int | None] | None = None) -> Plan:
+                       chunk_sizes: list[int | None] | None = None,
+                       mlp_chunks: list[int | None] | None = None) -> Plan:
     """The plan for this model at batch × seq within `budget` bytes of peak allocated memory (default: what the
     device has free). Call after LoRA is injected and before the optimizer exists; AdamW's two fp32 states and
     the gradients of the trainable parameters are added here. CUDA: measured costs; elsewhere: the formula.
@@ -317,19 +350,23 @@ def auto_checkpointing(model, batch: int, seq: int, budget: int | None = None, r
     `reserve` (default 128 MiB + 2% of the budget) is kept back for what the model does not see (cuBLAS
     workspaces, allocator rounding). The loss head's chunk size is chosen too: the largest of `chunk_sizes`
     (default: the loss's own default, then 1/4 and 1/16 of it) with which a plan fits; and, only if none does,
-    the MLP in chunks of MLP_CHUNK_TOKENS tokens (`plan.mlp_chunk`, for set_checkpointing)."""
+    the MLP in chunks of MLP_CHUNK_TOKENS tokens (`plan.mlp_chunk`, for set_checkpointing); `mlp_chunks`
+    replaces that list ([8192]: plan with chunks from the start, skipping the dry runs of the whole MLP)."""
     from minilora.loss import default_chunk_size
 
     device = model.lm_head.weight.device
     cuda = device.type == "cuda"
     budget = default_budget(device) if budget is None else int(budget)
     reserve = int(128 * 2**20 + 0.02 * budget) if reserve is None else int(reserve)
+    # offloaded inputs go to pinned host memory; on a CPU-only machine "host" is the budget itself
+    host_budget = int(0.8 * _available_ram()) if cuda else None
     dtype = model.model.embed_tokens.weight.dtype
     dy = batch * seq * model.config.hidden_size * torch.finfo(dtype).bits // 8
     r = max((getattr(m, "r", 0) for m in model.modules()), default=0)
     rows = default_chunk_size(batch * seq, model.config.vocab_size, device)
     # MLP in token chunks only when nothing fits without: it costs one more MLP forward per layer
-    mlp_chunks = [None] + ([MLP_CHUNK_TOKENS] if batch * seq > MLP_CHUNK_TOKENS else [])
+    if mlp_chunks is None:
+        mlp_chunks = [None] + ([MLP_CHUNK_TOKENS] if batch * seq > MLP_CHUNK_TOKENS else [])
     error = None
     for mlp_chunk in mlp_chunks:
         for layer in model.model.layers:  # the dry runs below measure the layers as they will run
@@ -348,7 +385,7 @@ def auto_checkpointing(model, batch: int, seq: int, budget: int | None = None, r
             head = (measure_head_bytes(model, batch, seq, chunk) if cuda else
                     estimate_head_bytes(model.config, batch, seq, chunk, torch.finfo(dtype).bits // 8))
             try:
-                plan = plan_checkpointing(costs, fixed, head, dy, budget, reserve)
+                plan = plan_checkpointing(costs, fixed, head, dy, budget, reserve, host_budget)
             except MemoryBudgetError as e:
                 error = e
                 continue

@@ -221,7 +221,8 @@ def run(args) -> dict:
     chunk, mlp_chunk = args.ce_chunk, args.mlp_chunk
     if args.gc == "auto":
         budget = None if args.max_memory_gb is None else int(args.max_memory_gb * GiB)
-        plan = auto_checkpointing(model, args.batch_size, args.seq_len, budget)
+        plan = auto_checkpointing(model, args.batch_size, args.seq_len, budget,
+                                  mlp_chunks=None if mlp_chunk is None else [mlp_chunk])
         print(f"auto checkpointing: {plan}", flush=True)
         modes, chunk, mlp_chunk = plan.modes, chunk or plan.ce_chunk_size, mlp_chunk or plan.mlp_chunk
         out.update(budget_gb=plan.budget / GiB, predicted_peak_gb=plan.peak / GiB)

@@ -110,6 +110,27 @@ def test_uses_recompute_before_offload_when_it_fits():
     assert plan.modes.count("off") >= 1, plan.modes
 
 
+def test_host_budget_trades_off_layers_for_recompute():
+    """With little host memory for offloaded inputs, the plan keeps more inputs on the GPU (recompute) and pays
+    with off layers; every plan still fits the GPU budget. Too little host memory for any plan: a named error."""
+    n = len(UNIFORM)
+    budget = predict_peak(["offload"] * 6 + ["off"] * 6, UNIFORM, FIXED, HEAD, DY)
+    free = plan_at(UNIFORM, budget)
+    assert free.host == free.modes.count("offload") * DY > 0, free
+    prev = free
+    for host in range(free.host - DY, -1, -DY):
+        plan = plan_checkpointing(UNIFORM, FIXED, HEAD, DY, budget, host_budget=host)
+        print(host, plan.counts())
+        assert plan.host <= host and plan.peak <= budget, plan
+        assert plan.modes.count("off") <= prev.modes.count("off")
+        prev = plan
+    assert prev.modes.count("off") < free.modes.count("off") and prev.modes.count("offload") == 0
+    lean = predict_peak(["offload"] * n, UNIFORM, FIXED, HEAD, DY)
+    with pytest.raises(MemoryBudgetError, match="host memory is too small") as e:
+        plan_checkpointing(UNIFORM, FIXED, HEAD, DY, lean, host_budget=DY - 1)
+    print(e.value)
+
+
 # --- the formula against autograd ------------------------------------------------------------------------------
 
 def tiny_qlora(cfg: dict, dtype=torch.bfloat16, seed=0):
