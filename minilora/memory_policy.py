@@ -10,6 +10,7 @@ picks the fastest choice that fits; the caller applies it with
 The memory model of one step (bytes; layers i = 0..n-1 in forward order):
 
     fixed            weights (NF4 + 16-bit embeddings, norms, head), LoRA weights, their grads, AdamW state
+                     (fp32, or 8-bit with minilora/optim.py)
     kept_i           what layer i holds from its forward until its backward:
                        off: its activations        recompute: its input x_i [B, T, H]      offload: nothing
     forward peak     max_i  Σ_{j<i} kept_j + fwd_i        fwd_i: layer i's own peak while it runs (input, output,
@@ -47,6 +48,7 @@ import torch
 
 from minilora.checkpointing import MODES, HostOffloader, LayerCheckpoint
 from minilora.config import ModelConfig
+from minilora.optim import state_bytes as optimizer_state_bytes
 
 GiB = 2**30
 # Tokens per MLP chunk when the MLP must run in chunks (checkpoint_chunks): an 8B model's [8192, 14336] bf16
@@ -342,10 +344,11 @@ def model_bytes(model) -> int:
 
 def auto_checkpointing(model, batch: int, seq: int, budget: int | None = None, reserve: int | None = None,
                        chunk_sizes: list[int | None] | None = None,
-                       mlp_chunks: list[int | None] | None = None) -> Plan:
+                       mlp_chunks: list[int | None] | None = None, optim: str = "adamw") -> Plan:
     """The plan for this model at batch × seq within `budget` bytes of peak allocated memory (default: what the
-    device has free). Call after LoRA is injected and before the optimizer exists; AdamW's two fp32 states and
-    the gradients of the trainable parameters are added here. CUDA: measured costs; elsewhere: the formula.
+    device has free). Call after LoRA is injected and before the optimizer exists; the gradients of the
+    trainable parameters and the optimizer's state are added here (`optim`: "adamw", two moments in the
+    parameters' dtype; "adamw_8bit", minilora/optim.py's). CUDA: measured costs; elsewhere: the formula.
 
     `reserve` (default 128 MiB + 2% of the budget) is kept back for what the model does not see (cuBLAS
     workspaces, allocator rounding). The loss head's chunk size is chosen too: the largest of `chunk_sizes`
@@ -378,8 +381,10 @@ def auto_checkpointing(model, batch: int, seq: int, budget: int | None = None, r
             for layer in model.model.layers:
                 layer.mlp.chunk_tokens = None  # the caller applies the plan's with set_checkpointing
         # after the dry runs: what they allocated for good (cuBLAS workspaces) is part of the fixed bytes now
-        trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-        fixed = (torch.cuda.memory_allocated(device) if cuda else model_bytes(model)) + 3 * trainable
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        grads = sum(p.numel() * p.element_size() for p in trainable)
+        state = 2 * grads if optim == "adamw" else optimizer_state_bytes([p.numel() for p in trainable])
+        fixed = (torch.cuda.memory_allocated(device) if cuda else model_bytes(model)) + grads + state
         for chunk in chunk_sizes or [rows, max(1, rows // 4), max(1, rows // 16)]:
             chunk = chunk or rows
             head = (measure_head_bytes(model, batch, seq, chunk) if cuda else

@@ -43,8 +43,10 @@ from tqdm.auto import tqdm
 from minilora.adapter import load_adapter_weights, save_adapter
 from minilora.atomic import save_atomic
 from minilora.loss import chunked_cross_entropy
+from minilora.optim import AdamW8bit
 
 SCHEDULERS = ("linear", "cosine", "constant")
+OPTIMIZERS = ("adamw", "adamw_8bit")
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")  # a complete checkpoint's directory name; temp dirs start with "."
 # what must match between a checkpoint and the run resuming from it for the saved data position to mean anything
 RESUME_FIELDS = ("per_device_train_batch_size", "gradient_accumulation_steps", "seed")
@@ -68,8 +70,13 @@ class TrainArgs:
     save_steps: int = 0  # 0: no intermediate checkpoints
     save_total_limit: int = 2  # <= 0: keep every checkpoint
     ce_chunk_size: int | None = None  # rows per loss-head chunk (None: the loss's default; auto checkpointing sets it)
+    # adamw: torch's, fp32 moments (8 bytes a trainable weight); adamw_8bit: minilora/optim.py, bitsandbytes'
+    # blockwise 8-bit moments (2 bytes), what Unsloth's notebooks train with
+    optim: str = "adamw"
 
     def __post_init__(self):
+        if self.optim not in OPTIMIZERS:
+            raise ValueError(f"optim {self.optim!r}: expected one of {', '.join(OPTIMIZERS)}")
         if self.lr_scheduler_type not in SCHEDULERS:
             raise ValueError(f"lr_scheduler_type {self.lr_scheduler_type!r}: expected one of {', '.join(SCHEDULERS)}")
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps"):
@@ -162,8 +169,11 @@ class Trainer:
         self.total_steps = args.max_steps if args.max_steps > 0 else math.ceil(
             args.num_train_epochs * self.steps_per_epoch)
         device = params[0].device
-        self.opt = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay,
-                                     fused=device.type == "cuda")
+        if args.optim == "adamw_8bit":
+            self.opt = AdamW8bit(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+        else:
+            self.opt = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay,
+                                         fused=device.type == "cuda")
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(args, self.total_steps))
         # fp16 weights need loss scaling against gradient underflow; bf16 and fp32 do not
         self.scaler = torch.amp.GradScaler(device.type, enabled=model.lm_head.weight.dtype == torch.float16)
@@ -294,6 +304,10 @@ class Trainer:
         state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
         changed = [f"{k} {state['args'][k]} -> {getattr(self.args, k)}" for k in RESUME_FIELDS
                    if state["args"].get(k) != getattr(self.args, k)]
+        saved_optim = state["args"].get("optim", "adamw")  # checkpoints from before the field: torch's AdamW
+        if saved_optim != self.args.optim:
+            raise TrainingError(f"--resume: {ckpt / 'trainer_state.pt'} holds {saved_optim} optimizer state and this "
+                                f"run uses --optim {self.args.optim}; resume with --optim {saved_optim}")
         if changed:
             raise TrainingError(f"--resume: {ckpt / 'trainer_state.pt'} was saved with other settings "
                                 f"({', '.join(changed)}); its data position would not match this run's batches")

@@ -11,9 +11,8 @@ quantization), everything else a random bf16 tensor; LoRA r=16, alpha=16 on the 
 projections. The workload is `../shared/bench/peers_gpu.py`'s, so the numbers sit beside Unsloth's and HF's:
 random tokens of batch_size x seq_len, labels = the inputs shifted by one (labels[t] = input[t+1], the last
 -100; minilora.dataset's convention, what HF does inside the model when given labels = inputs), `--warmup`
-untimed steps then `--steps` timed ones, AdamW. The peers use bitsandbytes' 8-bit AdamW and we use torch's fused
-AdamW: with only the LoRA weights trainable (42M for the 8B shape) the optimizer state is 0.3 GB in fp32
-against 0.08 GB in 8 bits, and its step is noise next to the forward and backward.
+untimed steps then `--steps` timed ones, 8-bit AdamW like the peers' bitsandbytes AdamW8bit (minilora/optim.py;
+`--optim adamw` for torch's fused fp32 one: for the 8B shape's 42M LoRA weights, 0.31 GiB of state against 0.08).
 
 Output: one line `RESULT {json}` with peers_gpu.py's keys (step_s = median of the timed steps, tok_s,
 peak_alloc_gb and peak_reserved_gb in GiB like theirs, first_loss, last_loss, load_s, trainable) plus mfu.
@@ -45,6 +44,7 @@ from minilora.lora import DEFAULT_TARGETS, LoRALinear, inject_lora, lora_paramet
 from minilora.loss import chunked_cross_entropy
 from minilora.memory_policy import GiB, auto_checkpointing
 from minilora.models import build_model
+from minilora.optim import AdamW8bit
 
 # Shapes from each model's Hugging Face config.json (weights are random; only the shape matters here).
 PRESETS = {
@@ -222,7 +222,7 @@ def run(args) -> dict:
     if args.gc == "auto":
         budget = None if args.max_memory_gb is None else int(args.max_memory_gb * GiB)
         plan = auto_checkpointing(model, args.batch_size, args.seq_len, budget,
-                                  mlp_chunks=None if mlp_chunk is None else [mlp_chunk])
+                                  mlp_chunks=None if mlp_chunk is None else [mlp_chunk], optim=args.optim)
         print(f"auto checkpointing: {plan}", flush=True)
         modes, chunk, mlp_chunk = plan.modes, chunk or plan.ce_chunk_size, mlp_chunk or plan.mlp_chunk
         out.update(budget_gb=plan.budget / GiB, predicted_peak_gb=plan.peak / GiB)
@@ -231,7 +231,8 @@ def run(args) -> dict:
         if args.max_memory_gb is not None:
             print(f"note: --max_memory_gb applies to --gc auto only; --gc {args.gc} ignores it", flush=True)
     set_checkpointing(model, modes, mlp_chunk)
-    opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.01, fused=cuda)
+    opt = (AdamW8bit(params, lr=2e-4, weight_decay=0.01) if args.optim == "adamw_8bit" else
+           torch.optim.AdamW(params, lr=2e-4, weight_decay=0.01, fused=cuda))
 
     data = random_batches(config.vocab_size, args.batch_size, args.seq_len, args.warmup + args.steps)
     if cuda:
@@ -259,7 +260,7 @@ def run(args) -> dict:
         first_loss=losses[0], last_loss=losses[-1], load_s=load_s, trainable=sum(p.numel() for p in params),
         mfu=flops / step / (args.peak_tflops * 1e12), tflops=flops / step / 1e12, flops_per_step=flops,
         modes=" ".join(f"{m}x{modes.count(m)}" for m in ("off", "recompute", "offload") if m in modes),
-        ce_chunk=chunk, mlp_chunk=mlp_chunk, kernels=os.environ.get("MINILORA_TRITON", "1"),
+        ce_chunk=chunk, mlp_chunk=mlp_chunk, optim=args.optim, kernels=os.environ.get("MINILORA_TRITON", "1"),
         device=torch.cuda.get_device_name(device) if cuda else "cpu", torch=torch.__version__,
     )
     return out
@@ -284,6 +285,8 @@ def main():
     p.add_argument("--max_memory_gb", type=float, default=None,
                    help="--gc auto: peak allocated GiB (2^30 bytes, as peak_alloc_gb) to stay under "
                         "(default: what the GPU has free)")
+    p.add_argument("--optim", default="adamw_8bit", choices=["adamw_8bit", "adamw"],
+                   help="adamw_8bit: the peers' optimizer (bitsandbytes AdamW8bit), rebuilt in minilora/optim.py")
     p.add_argument("--ce_chunk", type=int, default=None, help="rows per loss-head chunk (default: the loss's)")
     p.add_argument("--mlp_chunk", type=int, default=None,
                    help="tokens per MLP chunk, each recomputed in backward (default: whole, or --gc auto's plan)")

@@ -14,6 +14,8 @@
 #                                       # row (~560 s: run it on a fresh machine, with DEADLINE_S=580)
 #   bash scripts/gpu_session.sh part6   # long context: the 8B shape at 360,448 tokens (MLP in token chunks), and at
 #                                       # 128k with chunks against last session's 128k without
+#   bash scripts/gpu_session.sh part7   # the 8B rows with 8-bit AdamW (and fp32 AdamW once), lean 6.8 GB and the budget
+#                                       # curve, 32k at 14 GB; Unsloth's 8B rows beside them
 #   bash scripts/gpu_session.sh part0   # CPU self-test of this script (tiny model, no peers), any machine
 #   bash scripts/gpu_session.sh run NAME...   # only these jobs (e.g. the ones a part skipped for time)
 #   bash scripts/gpu_session.sh list          # every job, its part, expected seconds and command
@@ -96,6 +98,18 @@ part5 u_8b_bs2_gcoff   55 300 peer_run 8b --framework unsloth --bs 2 --seq 2048 
 part5 u_8b_32k        115 360 peer_run 8b --framework unsloth --bs 1 --seq 32768
 part6 m_8b_360k      400 540 $B --preset llama-3.1-8b --batch_size 1 --seq_len 360448 --gc auto --mlp_chunk 8192 --warmup 0 --steps 1
 part6 m_8b_128k_chunk 80 150 $B --preset llama-3.1-8b --batch_size 1 --seq_len 131072 --gc auto --mlp_chunk 8192 --warmup 0 --steps 1
+part7 m_8b_bs2         20 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
+part7 m_8b_bs2_adamw   20 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W --optim adamw
+part7 m_8b_bs2_lean    25 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 6.8 $W
+part7 m_8b_budget7     25 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 7 $W
+part7 m_8b_budget10    25 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 10 $W
+part7 m_8b_budget14    25 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 14 $W
+part7 m_8b_budget20    25 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 20 $W
+part7 m_8b_32k_14gb    55 300 $B --preset llama-3.1-8b --batch_size 1 --seq_len 32768 --gc auto --max_memory_gb 14 $W
+part7 p_8b_make        35 300 peer_make 8b
+part7 u_8b_bs2         60 300 peer_run 8b --framework unsloth --bs 2 --seq 2048
+part7 u_8b_bs2_gcoff   55 300 peer_run 8b --framework unsloth --bs 2 --seq 2048 --gc off
+part7 u_8b_32k        115 360 peer_run 8b --framework unsloth --bs 1 --seq 32768
 part4 h_8b_bs2        120 360 peer_run 8b --framework hf --bs 2 --seq 2048
 part4 h_1b_bs2         60 300 peer_run 1b --framework hf --bs 2 --seq 2048
 part4 m_qwen7b_bs2     40 240 $B --preset qwen2.5-7b --batch_size 2 --seq_len 2048 --gc auto $W
@@ -246,7 +260,7 @@ case "$PART" in
         [ $# -gt 0 ] || { echo "run NAME..."; exit 2; }
         for n in "$@"; do jobs | awk -v n="$n" '$2 == n {f = 1} END {exit !f}' || { echo "no job $n (see: list)"; exit 2; }; done
         WANT=" $* " ;;
-    part0 | part1 | part2 | part3 | part4 | part5 | part6) WANT="" ;;
+    part0 | part1 | part2 | part3 | part4 | part5 | part6 | part7) WANT="" ;;
     *) echo "unknown part $PART; see: bash $0"; exit 2 ;;
 esac
 LOG=$OUT/$PART

@@ -73,6 +73,8 @@ g.add_argument("--learning_rate", type=float, default=1e-3)
 g.add_argument("--weight_decay", type=float, default=0.0)
 g.add_argument("--lr_scheduler_type", default="linear", choices=["linear", "cosine", "constant"])
 g.add_argument("--max_grad_norm", type=float, default=1.0)
+g.add_argument("--optim", default="adamw", choices=["adamw", "adamw_8bit"],
+               help="adamw_8bit: bitsandbytes-style 8-bit moments, 2 bytes a LoRA weight instead of 8")
 g.add_argument("--gradient_checkpointing", default="auto", choices=["auto", "off", "recompute", "offload"],
                help="per decoder layer; auto: as many layers un-checkpointed as --max_memory_gb allows")
 g.add_argument("--max_memory_gb", type=float, default=None,
@@ -162,7 +164,7 @@ if args.gradient_checkpointing == "auto":
     seq = args.max_seq_length if args.packing else min(args.max_seq_length, stats.longest)
     budget = None if args.max_memory_gb is None else int(args.max_memory_gb * GiB)
     try:
-        plan = auto_checkpointing(model, args.per_device_train_batch_size, seq, budget)
+        plan = auto_checkpointing(model, args.per_device_train_batch_size, seq, budget, optim=args.optim)
     except MemoryBudgetError as e:
         sys.exit(f"--max_memory_gb: {e}")
     print(f"auto checkpointing for {args.per_device_train_batch_size} x {seq} tokens: {plan}")
@@ -209,7 +211,7 @@ train_args = TrainArgs(
     weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, warmup_steps=args.warmup_steps,
     max_steps=args.max_steps, num_train_epochs=args.num_train_epochs, lr_scheduler_type=args.lr_scheduler_type,
     seed=args.seed, logging_steps=args.logging_steps, eval_steps=args.eval_steps, save_steps=args.save_steps,
-    ce_chunk_size=ce_chunk_size)
+    ce_chunk_size=ce_chunk_size, optim=args.optim)
 trainer = Trainer(model, params, batches, train_args, eval_batches=eval_batches,
                   adapter_meta={"base_model_name_or_path": model_source})
 if args.resume:

@@ -249,6 +249,28 @@ def test_long_sequences_fall_back_to_mlp_chunks():
         auto_checkpointing(model, B, T, budget=chunked_lean - 1, reserve=0, chunk_sizes=[64])
 
 
+def test_fixed_bytes_count_the_optimizer_state():
+    """torch AdamW: two moments like the parameters (fp32 LoRA: 8 bytes a weight); adamw_8bit: what
+    minilora/optim.py allocates, read off a real step's state."""
+    from minilora.optim import AdamW8bit
+    # A [4, 1024] has 4096 elements, 8-bit state; k_proj's B [512, 4] keeps fp32 moments (bnb's min_8bit_size)
+    model = tiny_qlora(dict(LLAMA, hidden_size=1024, intermediate_size=2048), dtype=torch.float32)
+    params = [p for p in model.parameters() if p.requires_grad]
+    fp32, int8 = (auto_checkpointing(model, 1, 64, budget=10 * GiB, reserve=0, chunk_sizes=[64], optim=o)
+                  for o in ("adamw", "adamw_8bit"))
+    opt = AdamW8bit(params)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()  # state entries share flat buffers
+                for st in opt.state.values() for t in st.values() if torch.is_tensor(t) and t.numel() > 1}
+    real = sum(storages.values())
+    weights = sum(p.numel() * 4 for p in params)
+    print(f"fixed: adamw {fmt_bytes(fp32.fixed)}, adamw_8bit {fmt_bytes(int8.fixed)}; 8-bit state allocated "
+          f"{fmt_bytes(real)}, fp32 moments {fmt_bytes(2 * weights)}")
+    assert real < weights and fp32.fixed - int8.fixed == 2 * weights - real  # under half of fp32 moments
+
+
 def test_auto_plan_error_names_the_budget():
     model = tiny_qlora(LLAMA, dtype=torch.float32)
     with pytest.raises(MemoryBudgetError, match="too small"):

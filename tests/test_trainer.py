@@ -40,10 +40,10 @@ def tiny_dir(tmp_path_factory):
     return d
 
 
-def lora_model(path, dropout=0.0, dtype=torch.float32, init_seed=0, **kw):
+def lora_model(path, dropout=0.0, dtype=torch.float32, init_seed=0, r=4, **kw):
     """The tiny model with LoRA on every projection; B drawn non-zero so that A gets gradients from step 1."""
     model = load_model(path, "cpu", dtype)
-    inject_lora(model, r=4, lora_alpha=8, lora_dropout=dropout, seed=init_seed, **kw)
+    inject_lora(model, r=r, lora_alpha=2 * r, lora_dropout=dropout, seed=init_seed, **kw)
     g = torch.Generator().manual_seed(init_seed + 1)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -177,20 +177,24 @@ def test_no_device_read_per_micro_batch(tiny_dir, tmp_path):
 
 
 # --- 2. resume -----------------------------------------------------------------------------------------------------
-def test_resume_repeats_the_uninterrupted_run(tiny_dir, tmp_path):
+@pytest.mark.parametrize("optim", ["adamw", "adamw_8bit"])
+def test_resume_repeats_the_uninterrupted_run(tiny_dir, tmp_path, optim):
     """With LoRA dropout (RNG) and across epoch boundaries: 3 steps per epoch, checkpoints at 3 (end of epoch 0)
     and 6, run to 7. A fresh trainer from a differently initialised model resumed from checkpoint-3 repeats steps
-    4-7 bit for bit, and resume() without a path picks checkpoint-6."""
+    4-7 bit for bit, and resume() without a path picks checkpoint-6. Resuming with the other optimizer is refused."""
     exs = examples(10, seed=1)
-    kw = dict(dropout=0.1, max_steps=7, save_steps=3, save_total_limit=0)
-    full = make_trainer(tiny_dir, tmp_path, exs, 2, 2, **kw)
+    kw = dict(dropout=0.1, max_steps=7, save_steps=3, save_total_limit=0, optim=optim)
+    r = 64 if optim == "adamw_8bit" else 4  # A [64, 64]: 4096 elements, so some states are 8-bit (bnb's minimum)
+    full = make_trainer(tiny_dir, tmp_path, exs, 2, 2, model=lora_model(tiny_dir, 0.1, r=r), **kw)
     ref = losses(full.train())
+    if optim == "adamw_8bit":
+        assert any(st["state1"].dtype == torch.uint8 for st in full.opt.state.values())
     ref_w = adapter(full.model)
     assert len({round(v, 6) for v in ref.values()}) == 7  # the steps really differ
 
     for ckpt, first in [(tmp_path / "checkpoint-3", 4), (None, 7)]:
         torch.manual_seed(1234)  # the resumed run must not depend on the RNG it starts with
-        tr = make_trainer(tiny_dir, tmp_path, exs, 2, 2, model=lora_model(tiny_dir, 0.1, init_seed=5), **kw)
+        tr = make_trainer(tiny_dir, tmp_path, exs, 2, 2, model=lora_model(tiny_dir, 0.1, init_seed=5, r=r), **kw)
         assert tr.resume(ckpt) == (ckpt or tmp_path / "checkpoint-6") and tr.step == first - 1
         got = losses(tr.train())
         print({s: (got[s], ref[s]) for s in range(first, 8)})
@@ -198,8 +202,12 @@ def test_resume_repeats_the_uninterrupted_run(tiny_dir, tmp_path):
         assert all(torch.equal(w, ref_w[n]) for n, w in adapter(tr.model).items())
     assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == list(range(1, 8))
 
-    tr = make_trainer(tiny_dir, tmp_path, exs, 2, 1, **kw)  # another accumulation: the data position is void
+    tr = make_trainer(tiny_dir, tmp_path, exs, 2, 1, model=lora_model(tiny_dir, r=r), **kw)  # data position void
     with pytest.raises(TrainingError, match="gradient_accumulation_steps 2 -> 1"):
+        tr.resume()
+    other = "adamw" if optim == "adamw_8bit" else "adamw_8bit"
+    tr = make_trainer(tiny_dir, tmp_path, exs, 2, 2, model=lora_model(tiny_dir, r=r), **{**kw, "optim": other})
+    with pytest.raises(TrainingError, match=f"holds {optim} optimizer state .* resume with --optim {optim}"):
         tr.resume()
 
 
