@@ -16,6 +16,8 @@
 #                                       # 128k with chunks against last session's 128k without
 #   bash scripts/gpu_session.sh part7   # the 8B rows with 8-bit AdamW (and fp32 AdamW once), lean 6.8 GB and the budget
 #                                       # curve, 32k at 14 GB; Unsloth's 8B rows beside them
+#   bash scripts/gpu_session.sh part8   # the LoRA term folded into the base GEMM, on and off (MINILORA_LORA_FOLD=0), 8B
+#                                       # and 1B; 32k at 14 GB; Unsloth's 1B rows beside them; an 8B profile
 #   bash scripts/gpu_session.sh part0   # CPU self-test of this script (tiny model, no peers), any machine
 #   bash scripts/gpu_session.sh run NAME...   # only these jobs (e.g. the ones a part skipped for time)
 #   bash scripts/gpu_session.sh list          # every job, its part, expected seconds and command
@@ -110,6 +112,21 @@ part7 p_8b_make        35 300 peer_make 8b
 part7 u_8b_bs2         60 300 peer_run 8b --framework unsloth --bs 2 --seq 2048
 part7 u_8b_bs2_gcoff   55 300 peer_run 8b --framework unsloth --bs 2 --seq 2048 --gc off
 part7 u_8b_32k        115 360 peer_run 8b --framework unsloth --bs 1 --seq 32768
+part8 m_8b_bs2         20 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
+part8 m_8b_bs2_nofold  20 240 MINILORA_LORA_FOLD=0 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
+part8 m_8b_bs2_again   20 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
+part8 m_8b_budget7     20 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 7 $W
+part8 m_8b_budget7_nofold 20 240 MINILORA_LORA_FOLD=0 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 7 $W
+part8 m_8b_budget10    20 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 10 $W
+part8 m_1b_bs2         17 180 $B --preset llama-3.2-1b --batch_size 2 --seq_len 2048 --gc auto $W
+part8 m_1b_bs8         17 180 $B --preset llama-3.2-1b --batch_size 8 --seq_len 2048 --gc auto $W
+part8 m_1b_bs8_nofold  17 180 MINILORA_LORA_FOLD=0 $B --preset llama-3.2-1b --batch_size 8 --seq_len 2048 --gc auto $W
+part8 m_8b_32k_14gb    55 300 $B --preset llama-3.1-8b --batch_size 1 --seq_len 32768 --gc auto --max_memory_gb 14 $W
+part8 p_1b_make        20 240 peer_make 1b
+part8 u_1b_bs2         60 300 peer_run 1b --framework unsloth --bs 2 --seq 2048
+part8 u_1b_bs2_gcoff   50 300 peer_run 1b --framework unsloth --bs 2 --seq 2048 --gc off
+part8 u_1b_bs8         60 300 peer_run 1b --framework unsloth --bs 8 --seq 2048
+part8 m_8b_bs2_profile 30 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W --profile
 part4 h_8b_bs2        120 360 peer_run 8b --framework hf --bs 2 --seq 2048
 part4 h_1b_bs2         60 300 peer_run 1b --framework hf --bs 2 --seq 2048
 part4 m_qwen7b_bs2     40 240 $B --preset qwen2.5-7b --batch_size 2 --seq_len 2048 --gc auto $W
@@ -260,7 +277,7 @@ case "$PART" in
         [ $# -gt 0 ] || { echo "run NAME..."; exit 2; }
         for n in "$@"; do jobs | awk -v n="$n" '$2 == n {f = 1} END {exit !f}' || { echo "no job $n (see: list)"; exit 2; }; done
         WANT=" $* " ;;
-    part0 | part1 | part2 | part3 | part4 | part5 | part6 | part7) WANT="" ;;
+    part0 | part1 | part2 | part3 | part4 | part5 | part6 | part7 | part8) WANT="" ;;
     *) echo "unknown part $PART; see: bash $0"; exit 2 ;;
 esac
 LOG=$OUT/$PART
