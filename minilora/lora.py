@@ -61,9 +61,10 @@ def _dense(base: torch.Tensor | NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _fold_lora() -> bool:
-    """Add the LoRA term inside the base GEMM (its output starts as the LoRA term, beta = 1) rather than after it.
-    MINILORA_LORA_FOLD=0 turns it off, for before/after benchmarks; the two differ only in rounding order."""
-    return os.environ.get("MINILORA_LORA_FOLD", "1") != "0"
+    """Add the LoRA term inside the base GEMM (its output starts as the LoRA term, beta = 1) rather than after it;
+    the two differ only in rounding order. Opt-in (MINILORA_LORA_FOLD=1) until a before/after on a quiet GPU shows
+    it pays: the one A/B so far (H100, issue 6) ran on a machine whose repeats differed by 12%."""
+    return os.environ.get("MINILORA_LORA_FOLD", "0") == "1"
 
 
 def _lora_forward(x, xd, base, bias, A, B, scale: float):
@@ -78,7 +79,7 @@ def _lora_forward(x, xd, base, bias, A, B, scale: float):
     if _fold_lora():
         # s · xa Bᵀ (+ b) first, then the base product accumulates onto it in place: cuBLAS reads the [N, out]
         # output once in the big GEMM's epilogue (beta = 1), where adding s · xa Bᵀ afterwards is one more
-        # read-modify-write pass over [N, out], exposed (about 3% of an 8B step)
+        # read-modify-write pass over [N, out], exposed (~20 ms of an 8B step's 280 in the profile)
         # (beta = 0: the 0-d placeholder is never read or expanded into an [N, out] copy)
         y = torch.addmm(xa.new_zeros(()) if bias is None else bias, xa, b.t(), beta=0 if bias is None else 1,
                         alpha=scale)  # [N, out]

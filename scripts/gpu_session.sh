@@ -16,7 +16,7 @@
 #                                       # 128k with chunks against last session's 128k without
 #   bash scripts/gpu_session.sh part7   # the 8B rows with 8-bit AdamW (and fp32 AdamW once), lean 6.8 GB and the budget
 #                                       # curve, 32k at 14 GB; Unsloth's 8B rows beside them
-#   bash scripts/gpu_session.sh part8   # the LoRA term folded into the base GEMM, on and off (MINILORA_LORA_FOLD=0), 8B
+#   bash scripts/gpu_session.sh part8   # the LoRA term folded into the base GEMM, off and on (MINILORA_LORA_FOLD=1), 8B
 #                                       # and 1B; 32k at 14 GB; Unsloth's 1B rows beside them; an 8B profile
 #   bash scripts/gpu_session.sh part0   # CPU self-test of this script (tiny model, no peers), any machine
 #   bash scripts/gpu_session.sh run NAME...   # only these jobs (e.g. the ones a part skipped for time)
@@ -113,14 +113,14 @@ part7 u_8b_bs2         60 300 peer_run 8b --framework unsloth --bs 2 --seq 2048
 part7 u_8b_bs2_gcoff   55 300 peer_run 8b --framework unsloth --bs 2 --seq 2048 --gc off
 part7 u_8b_32k        115 360 peer_run 8b --framework unsloth --bs 1 --seq 32768
 part8 m_8b_bs2         20 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
-part8 m_8b_bs2_nofold  20 240 MINILORA_LORA_FOLD=0 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
+part8 m_8b_bs2_fold    20 240 MINILORA_LORA_FOLD=1 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
 part8 m_8b_bs2_again   20 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
 part8 m_8b_budget7     20 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 7 $W
-part8 m_8b_budget7_nofold 20 240 MINILORA_LORA_FOLD=0 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 7 $W
+part8 m_8b_budget7_fold 20 240 MINILORA_LORA_FOLD=1 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 7 $W
 part8 m_8b_budget10    20 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 10 $W
 part8 m_1b_bs2         17 180 $B --preset llama-3.2-1b --batch_size 2 --seq_len 2048 --gc auto $W
 part8 m_1b_bs8         17 180 $B --preset llama-3.2-1b --batch_size 8 --seq_len 2048 --gc auto $W
-part8 m_1b_bs8_nofold  17 180 MINILORA_LORA_FOLD=0 $B --preset llama-3.2-1b --batch_size 8 --seq_len 2048 --gc auto $W
+part8 m_1b_bs8_fold    17 180 MINILORA_LORA_FOLD=1 $B --preset llama-3.2-1b --batch_size 8 --seq_len 2048 --gc auto $W
 part8 m_8b_32k_14gb    55 300 $B --preset llama-3.1-8b --batch_size 1 --seq_len 32768 --gc auto --max_memory_gb 14 $W
 part8 p_1b_make        20 240 peer_make 1b
 part8 u_1b_bs2         60 300 peer_run 1b --framework unsloth --bs 2 --seq 2048
