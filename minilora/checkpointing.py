@@ -50,9 +50,9 @@ def set_checkpointing(model, modes: str | list[str], mlp_chunk: int | None = Non
         raise ValueError(f"set_checkpointing: unknown mode(s) {bad}; expected one of {MODES}")
     offloader = HostOffloader() if "offload" in modes else None  # one pool and stream for the whole model
     runners = [None if m == "off" else LayerCheckpoint(offloader if m == "offload" else None) for m in modes]
+    if mlp_chunk is not None and (not isinstance(mlp_chunk, int) or mlp_chunk < 1):
+        raise ValueError(f"set_checkpointing: mlp_chunk must be a positive number of tokens, got {mlp_chunk!r}")
     model.layer_runners = runners if any(r is not None for r in runners) else None
-    if mlp_chunk is not None and mlp_chunk < 1:
-        raise ValueError(f"set_checkpointing: mlp_chunk must be a positive number of tokens, got {mlp_chunk}")
     for layer in model.model.layers:
         layer.mlp.chunk_tokens = mlp_chunk
 
@@ -126,8 +126,8 @@ def checkpoint_chunks(fn, x: torch.Tensor, params: list[torch.Tensor], chunk: in
     each chunk before the next: fn's intermediates exist for one chunk at a time, in forward and in backward.
 
     Why: at long context the MLP's [tokens, intermediate] tensors are what no longer fits. An 8B model at
-    360k tokens has gate and up outputs of 10 GiB each, and backward needs several such tensors at once, even
-    inside a checkpointed layer. In chunks of 8k tokens that is 0.23 GiB each. The price is one more MLP forward
+    360k tokens has gate and up outputs of 9.6 GiB each, and backward needs several such tensors at once, even
+    inside a checkpointed layer. In chunks of 8k tokens that is 0.22 GiB each. The price is one more MLP forward
     per layer, which at those lengths is small next to attention. `params` are fn's trainable parameters
     (LoRA A/B): their gradients are summed over the chunks and returned, as in _CheckpointedLayer."""
     return _ChunkedTokens.apply(fn, chunk, x, *params)
@@ -185,11 +185,12 @@ class HostOffloader:
                 records an event -> main waits for that event only
     `pending` lists the stashes in forward order, weakly, so a graph dropped without backward frees its buffers.
 
-    Host memory comes in pieces of one size class, `min(slab_bytes, next power of two >= the input)`, and an
-    input larger than a slab spans several. Why not one buffer per input: pinned memory is allocated by torch's
-    caching host allocator in powers of two, so one 2.9 GiB input (8B model, 360k tokens) would pin 4 GiB, and
-    32 of them more than the host has; in 64 MiB slabs the waste is under 64 MiB an input. Sequence lengths that
-    vary step to step reuse the same slabs.
+    Host memory comes in pieces of one size class, `host_piece(nbytes)` = min(slab_bytes, next power of two >=
+    the input), and an input larger than a slab spans several. Why not one buffer per input: pinned memory is
+    allocated by torch's caching host allocator in powers of two, so one 2.75 GiB input (8B model, 360k tokens)
+    would pin 4 GiB, and 32 of them more than the host has; in 64 MiB slabs the waste is under 64 MiB an input.
+    Inputs above a slab reuse the same slabs whatever their length; smaller ones take a new size class when their
+    power of two changes (the free buffers of the old class leave the pool, and torch's pinned cache keeps them).
     """
 
     def __init__(self, slab_bytes: int = 2**26):
@@ -232,7 +233,7 @@ class HostOffloader:
         """ceil(nbytes / size) free pooled buffers of this input's size class, allocating what is missing.
         Free buffers of other size classes are released first when new memory is needed, so the pool follows
         the workload instead of growing with every sequence length it has seen."""
-        size = min(self.slab_bytes, max(2**21, 1 << (nbytes - 1).bit_length()))
+        size = host_piece(nbytes, self.slab_bytes)
         count = -(-nbytes // size)
         free = [b for b in self.pool if b.owner is None or b.owner() is None]
         fits = [b for b in free if b.data.numel() == size][:count]
@@ -249,6 +250,17 @@ class HostOffloader:
         if self.stream is None or self.stream.device != device:
             self.stream = torch.cuda.Stream(device=device)
         return self.stream
+
+
+def host_piece(nbytes: int, slab_bytes: int = 2**26) -> int:
+    """The size class of a HostOffloader buffer for an input of nbytes: a slab, or the power of two that fits."""
+    return min(slab_bytes, max(2**21, 1 << (nbytes - 1).bit_length()))
+
+
+def host_bytes(nbytes: int, slab_bytes: int = 2**26) -> int:
+    """Pinned host bytes a HostOffloader holds for one input of nbytes (whole pieces of its size class)."""
+    piece = host_piece(nbytes, slab_bytes)
+    return -(-nbytes // piece) * piece
 
 
 class _HostBuffer:

@@ -34,7 +34,8 @@ The policy, in layer order:   [offload × a] [recompute × b] [off × c]
 Off layers sit at the end because their backward comes first: their activations are freed before any
 recompute starts, so the recomputed layer never coexists with them (one layer less at the peak).
 Each step stops at the first layer that does not fit, so a larger budget never gives fewer off layers.
-When not even every layer offloaded fits, what is left at long context is one layer's [tokens, intermediate]
+When not even every layer offloaded fits (in the GPU budget, or its offloaded inputs in host memory), what is
+left at long context is one layer's [tokens, intermediate]
 MLP activations: the layers are measured again with their MLP in chunks of MLP_CHUNK_TOKENS tokens, each
 recomputed in its backward (`checkpoint_chunks`), and the same policy runs on those costs.
 """
@@ -46,7 +47,7 @@ from dataclasses import dataclass
 
 import torch
 
-from minilora.checkpointing import MODES, HostOffloader, LayerCheckpoint
+from minilora.checkpointing import MODES, HostOffloader, LayerCheckpoint, host_bytes
 from minilora.config import ModelConfig
 from minilora.optim import state_bytes as optimizer_state_bytes
 
@@ -145,17 +146,18 @@ def plan_checkpointing(costs: list[LayerCosts], fixed: int, head: int, dy: int, 
                 modes = trial
         return modes
 
+    per_input = host_bytes(dy)  # what the HostOffloader pins for one input of dy bytes
     modes = fill(n)
     max_off = modes.count("off")
-    while host_budget is not None and modes.count("offload") * dy > host_budget:
+    while host_budget is not None and modes.count("offload") * per_input > host_budget:
         if max_off == 0:
             raise MemoryBudgetError(
                 f"host memory is too small: within the GPU budget of {fmt_bytes(budget)}, {modes.count('offload')} "
-                f"layer inputs of {fmt_bytes(dy)} each must go to host memory ({fmt_bytes(modes.count('offload') * dy)}"
-                f"), and {fmt_bytes(host_budget)} is available. Lower batch_size x seq_len, or raise the GPU budget")
+                f"layer inputs of {fmt_bytes(dy)} each must go to host memory "
+                f"({fmt_bytes(modes.count('offload') * per_input)}), and {fmt_bytes(host_budget)} is available. Lower batch_size x seq_len, or raise the GPU budget")
         max_off -= 1
         modes = fill(max_off)
-    return Plan(modes, peak(modes), budget, fixed, head, lean, full, host=modes.count("offload") * dy)
+    return Plan(modes, peak(modes), budget, fixed, head, lean, full, host=modes.count("offload") * per_input)
 
 
 # --- the formula: what autograd keeps in minilora's layers ---------------------------------------------------
@@ -206,7 +208,7 @@ def estimate_layer_costs(config: ModelConfig, batch: int, seq: int, dtype_bytes:
     # gate, up and their product alive at once: no-grad MLP forward, MLP backward (a chunk's, and its saved four)
     mlp = 7 * b * mlp_chunk * I if chunked else 3 * b * N * I
     costs = {
-        "off": ModeCost(kept=acts, forward=x + acts + x + weight, backward=mlp + weight + x),
+        "off": ModeCost(kept=acts, forward=x + acts + x + weight + (mlp if chunked else 0), backward=mlp + weight + x),
         "recompute": ModeCost(kept=x, forward=x + x + mlp + weight, backward=acts + mlp + weight + x),
         # backward: the fetched input, the previous layer's input arriving meanwhile, then as recompute
         "offload": ModeCost(kept=0, forward=x + x + mlp + weight, backward=2 * x + acts + mlp + weight + x),
@@ -316,15 +318,23 @@ def default_budget(device: torch.device) -> int:
 
 
 def _available_ram() -> int:
-    """MemAvailable (free plus reclaimable page cache), falling back to free pages where /proc is missing."""
+    """MemAvailable (free plus reclaimable page cache; free pages where /proc is missing), and no more than a
+    container's cgroup v2 limit leaves (memory.max - memory.current), which MemAvailable does not see."""
+    avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    avail = int(line.split()[1]) * 1024
     except OSError:
         pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        if limit != "max":
+            avail = min(avail, int(limit) - int(open("/sys/fs/cgroup/memory.current").read()))
+    except (OSError, ValueError):
+        pass
+    return max(avail, 0)
 
 
 def model_bytes(model) -> int:
@@ -368,8 +378,12 @@ def auto_checkpointing(model, batch: int, seq: int, budget: int | None = None, r
     r = max((getattr(m, "r", 0) for m in model.modules()), default=0)
     rows = default_chunk_size(batch * seq, model.config.vocab_size, device)
     # MLP in token chunks only when nothing fits without: it costs one more MLP forward per layer
+    if optim not in ("adamw", "adamw_8bit"):
+        raise ValueError(f"auto_checkpointing: optim {optim!r}: expected adamw or adamw_8bit")
     if mlp_chunks is None:
         mlp_chunks = [None] + ([MLP_CHUNK_TOKENS] if batch * seq > MLP_CHUNK_TOKENS else [])
+    if not mlp_chunks:
+        raise ValueError("auto_checkpointing: mlp_chunks is empty; pass None for the default [None, MLP_CHUNK_TOKENS]")
     error = None
     for mlp_chunk in mlp_chunks:
         for layer in model.model.layers:  # the dry runs below measure the layers as they will run

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from conftest import report
-from minilora.checkpointing import HostOffloader, LayerCheckpoint, set_checkpointing
+from minilora.checkpointing import HostOffloader, LayerCheckpoint, host_bytes, set_checkpointing
 from minilora.config import ModelConfig
 from minilora.models import build_model
 
@@ -83,8 +83,10 @@ def test_mlp_in_token_chunks_gives_the_same_gradients(cfg, packed):
         assert_same(f"mlp_chunk=5 {modes}", loss_and_grads(model, modes, ids, pos, mlp_chunk=5), ref)
     set_checkpointing(model, "off")
     assert all(layer.mlp.chunk_tokens is None for layer in model.model.layers)
-    with pytest.raises(ValueError, match="mlp_chunk must be a positive"):
-        set_checkpointing(model, "off", mlp_chunk=0)
+    for bad in (0, 8192.0):
+        with pytest.raises(ValueError, match="mlp_chunk must be a positive"):
+            set_checkpointing(model, "recompute", mlp_chunk=bad)
+        assert model.layer_runners is None  # left as it was: nothing half-applied
 
 
 def test_mlp_chunks_keep_only_their_input_and_replay_lora_dropout():
@@ -136,6 +138,7 @@ def test_offload_spans_several_host_slabs():
     st = offloader.stash(y)
     assert len(offloader.pool) == 3
     assert torch.equal(st.fetch(), y)
+    assert host_bytes(6_000_000, 2**21) == 3 * 2**21 and host_bytes(1_200_000, 2**21) == 2**21
 
 
 def test_frozen_embeddings_still_train_the_layers():

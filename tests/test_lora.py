@@ -57,9 +57,11 @@ def reference(m: LoRALinear, x, w, a, b, bias, p=0.0):
 
 # --- the autograd.Function ---
 
+@pytest.mark.parametrize("fold", ["0", "1"])  # MINILORA_LORA_FOLD: the LoRA term added after or inside the GEMM
 @pytest.mark.parametrize("shape", [(7, 5), (2, 3, 5)])
 @pytest.mark.parametrize("rslora", [False, True])
-def test_gradcheck_dense(shape, rslora):
+def test_gradcheck_dense(shape, rslora, fold, monkeypatch):
+    monkeypatch.setenv("MINILORA_LORA_FOLD", fold)
     m = lora_layer(inp=5, out=6, r=3, dtype=torch.float64, use_rslora=rslora)
     params = {k: v.detach().double().requires_grad_() for k, v in
               [("lora_A.weight", m.lora_A.weight), ("lora_B.weight", m.lora_B.weight), ("bias", m.bias)]}
@@ -71,9 +73,11 @@ def test_gradcheck_dense(shape, rslora):
     assert torch.autograd.gradcheck(f, (x, *params.values()))
 
 
+@pytest.mark.parametrize("fold", ["0", "1"])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("quantize", [False, True])
-def test_forward_backward_match_plain_autograd(dropout, quantize):
+def test_forward_backward_match_plain_autograd(dropout, quantize, fold, monkeypatch):
+    monkeypatch.setenv("MINILORA_LORA_FOLD", fold)
     m = lora_layer(quantize=quantize, lora_dropout=dropout).train()
     w = m.dense_weight(torch.float32)
     a, b = [t.detach().clone().requires_grad_() for t in (m.lora_A.weight, m.lora_B.weight)]

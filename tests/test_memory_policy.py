@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import report
-from minilora.checkpointing import LayerCheckpoint, set_checkpointing
+from minilora.checkpointing import LayerCheckpoint, host_bytes, set_checkpointing
 from minilora.config import ModelConfig
 from minilora.lora import LoRALinear, inject_lora, replace_linears_for_4bit
 from minilora.memory_policy import (GiB, MemoryBudgetError, ModeCost, auto_checkpointing, estimate_head_bytes,
@@ -116,9 +116,10 @@ def test_host_budget_trades_off_layers_for_recompute():
     n = len(UNIFORM)
     budget = predict_peak(["offload"] * 6 + ["off"] * 6, UNIFORM, FIXED, HEAD, DY)
     free = plan_at(UNIFORM, budget)
-    assert free.host == free.modes.count("offload") * DY > 0, free
+    per = host_bytes(DY)  # pinned bytes for one input: whole pieces of its size class (2 MiB at least)
+    assert free.host == free.modes.count("offload") * per > 0, free
     prev = free
-    for host in range(free.host - DY, -1, -DY):
+    for host in range(free.host - per, -1, -per):
         plan = plan_checkpointing(UNIFORM, FIXED, HEAD, DY, budget, host_budget=host)
         print(host, plan.counts())
         assert plan.host <= host and plan.peak <= budget, plan
@@ -127,7 +128,7 @@ def test_host_budget_trades_off_layers_for_recompute():
     assert prev.modes.count("off") < free.modes.count("off") and prev.modes.count("offload") == 0
     lean = predict_peak(["offload"] * n, UNIFORM, FIXED, HEAD, DY)
     with pytest.raises(MemoryBudgetError, match="host memory is too small") as e:
-        plan_checkpointing(UNIFORM, FIXED, HEAD, DY, lean, host_budget=DY - 1)
+        plan_checkpointing(UNIFORM, FIXED, HEAD, DY, lean, host_budget=per - 1)
     print(e.value)
 
 
