@@ -30,6 +30,7 @@ state is restored too.
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import torch
@@ -78,8 +79,7 @@ class _CheckpointedLayer(torch.autograd.Function):
     def forward(ctx, layer, inputs, offloader, x, *params):
         # x [B, T, H]; runs under no_grad (autograd.Function.forward always does): no activations kept
         ctx.layer, ctx.inputs, ctx.device = layer, inputs, x.device
-        ctx.rng = _get_rng(x.device)
-        ctx.autocast = (torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type))
+        _save_forward_state(ctx, x.device)
         if offloader is None:
             ctx.stash = None
             ctx.save_for_backward(x, *params)
@@ -97,26 +97,36 @@ class _CheckpointedLayer(torch.autograd.Function):
             x, params = ctx.stash.fetch(), saved  # also starts bringing back the previous layer's input
             ctx.stash = None  # its host buffer goes back to the pool
         x = x.detach().requires_grad_(ctx.needs_input_grad[3])
-        cuda = [ctx.device] if ctx.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda, device_type="cuda"):  # leave the caller's RNG stream alone
-            _set_rng(ctx.rng, ctx.device)
-            with torch.enable_grad(), torch.autocast(ctx.device.type, enabled=ctx.autocast[0],
-                                                     dtype=ctx.autocast[1]):
-                out = ctx.layer(x, ctx.inputs)  # [B, T, H], the same values as in forward
+        with _forward_rng(ctx, ctx.device), _recording(ctx, ctx.device):
+            out = ctx.layer(x, ctx.inputs)  # [B, T, H], the same values as in forward
         wrt = ([x] if x.requires_grad else []) + list(params)
         grads = torch.autograd.grad(out, wrt, grad_out, allow_unused=True)
         grad_x = grads[0] if x.requires_grad else None
         return (None, None, None, grad_x, *grads[len(wrt) - len(params):])
 
 
-def _get_rng(device: torch.device):
-    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+# --- what a recompute replays: the forward's RNG and autocast state ---------------------------------------------
+def _save_forward_state(ctx, device: torch.device) -> None:
+    cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    ctx.rng = torch.get_rng_state(), cuda_rng
+    ctx.autocast = torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type)
 
 
-def _set_rng(state, device: torch.device) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
+@contextlib.contextmanager
+def _forward_rng(ctx, device: torch.device):
+    """The RNG as it was at forward, in a fork: the caller's RNG stream continues as if no recompute happened."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type="cuda"):
+        torch.set_rng_state(ctx.rng[0])
+        if ctx.rng[1] is not None:
+            torch.cuda.set_rng_state(ctx.rng[1], device)
+        yield
+
+
+@contextlib.contextmanager
+def _recording(ctx, device: torch.device):
+    """Grad on and the forward's autocast state: the recompute builds the graph the forward did not."""
+    with torch.enable_grad(), torch.autocast(device.type, enabled=ctx.autocast[0], dtype=ctx.autocast[1]):
+        yield
 
 
 # --- token chunks inside a layer ------------------------------------------------------------------------------
@@ -137,8 +147,7 @@ class _ChunkedTokens(torch.autograd.Function):
     @staticmethod
     def forward(ctx, fn, chunk, x, *params):
         ctx.fn, ctx.chunk = fn, chunk
-        ctx.rng = _get_rng(x.device)  # restored once for the recompute, whose chunks draw in the same order
-        ctx.autocast = (torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type))
+        _save_forward_state(ctx, x.device)  # replayed once for the recompute, whose chunks draw in the same order
         ctx.save_for_backward(x, *params)
         flat = x.reshape(-1, x.shape[-1])  # [N, H_in]
         out = None
@@ -155,13 +164,10 @@ class _ChunkedTokens(torch.autograd.Function):
         flat, dy = x.reshape(-1, x.shape[-1]), grad_out.reshape(-1, grad_out.shape[-1])
         dx = torch.empty_like(flat) if ctx.needs_input_grad[2] else None
         dparams = [None] * len(params)
-        cuda = [x.device] if x.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda, device_type="cuda"):
-            _set_rng(ctx.rng, x.device)
+        with _forward_rng(ctx, x.device):
             for i in range(0, flat.shape[0], ctx.chunk):
                 xc = flat[i:i + ctx.chunk].detach().requires_grad_(dx is not None)
-                with torch.enable_grad(), torch.autocast(x.device.type, enabled=ctx.autocast[0],
-                                                         dtype=ctx.autocast[1]):
+                with _recording(ctx, x.device):
                     y = ctx.fn(xc)
                 wrt = ([xc] if dx is not None else []) + params
                 grads = torch.autograd.grad(y, wrt, dy[i:i + ctx.chunk], allow_unused=True)

@@ -49,6 +49,7 @@ import torch
 
 from minilora.checkpointing import MODES, HostOffloader, LayerCheckpoint, host_bytes
 from minilora.config import ModelConfig
+from minilora.optim import OPTIMIZERS
 from minilora.optim import state_bytes as optimizer_state_bytes
 
 GiB = 2**30
@@ -378,8 +379,8 @@ def auto_checkpointing(model, batch: int, seq: int, budget: int | None = None, r
     r = max((getattr(m, "r", 0) for m in model.modules()), default=0)
     rows = default_chunk_size(batch * seq, model.config.vocab_size, device)
     # MLP in token chunks only when nothing fits without: it costs one more MLP forward per layer
-    if optim not in ("adamw", "adamw_8bit"):
-        raise ValueError(f"auto_checkpointing: optim {optim!r}: expected adamw or adamw_8bit")
+    if optim not in OPTIMIZERS:
+        raise ValueError(f"auto_checkpointing: optim {optim!r}: expected one of {', '.join(OPTIMIZERS)}")
     if mlp_chunks is None:
         mlp_chunks = [None] + ([MLP_CHUNK_TOKENS] if batch * seq > MLP_CHUNK_TOKENS else [])
     if not mlp_chunks:

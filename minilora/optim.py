@@ -52,6 +52,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+OPTIMIZERS = ("adamw", "adamw_8bit")  # the trainer's choices: torch's AdamW (fp32 moments), or AdamW8bit below
 BLOCK = 256  # elements per absmax (bnb's blocksize for 8-bit optimizer states)
 MIN_8BIT_SIZE = 4096  # smaller tensors keep fp32 moments (bnb: min_8bit_size)
 CHUNK_SIZE = 1 << 22  # elements stepped at once: ~20 bytes of fp32 temporaries each, 80 MiB (step_workspace_bytes)

@@ -43,10 +43,9 @@ from tqdm.auto import tqdm
 from minilora.adapter import load_adapter_weights, save_adapter
 from minilora.atomic import save_atomic
 from minilora.loss import chunked_cross_entropy
-from minilora.optim import AdamW8bit
+from minilora.optim import OPTIMIZERS, AdamW8bit
 
 SCHEDULERS = ("linear", "cosine", "constant")
-OPTIMIZERS = ("adamw", "adamw_8bit")
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")  # a complete checkpoint's directory name; temp dirs start with "."
 # what must match between a checkpoint and the run resuming from it for the saved data position to mean anything
 RESUME_FIELDS = ("per_device_train_batch_size", "gradient_accumulation_steps", "seed")

@@ -44,7 +44,7 @@ from minilora.lora import DEFAULT_TARGETS, LoRALinear, inject_lora, lora_paramet
 from minilora.loss import chunked_cross_entropy
 from minilora.memory_policy import GiB, auto_checkpointing
 from minilora.models import build_model
-from minilora.optim import AdamW8bit
+from minilora.optim import OPTIMIZERS, AdamW8bit
 
 # Shapes from each model's Hugging Face config.json (weights are random; only the shape matters here).
 PRESETS = {
@@ -285,7 +285,7 @@ def main():
     p.add_argument("--max_memory_gb", type=float, default=None,
                    help="--gc auto: peak allocated GiB (2^30 bytes, as peak_alloc_gb) to stay under "
                         "(default: what the GPU has free)")
-    p.add_argument("--optim", default="adamw_8bit", choices=["adamw_8bit", "adamw"],
+    p.add_argument("--optim", default="adamw_8bit", choices=OPTIMIZERS,
                    help="adamw_8bit: the peers' optimizer (bitsandbytes AdamW8bit), rebuilt in minilora/optim.py")
     p.add_argument("--ce_chunk", type=int, default=None, help="rows per loss-head chunk (default: the loss's)")
     p.add_argument("--mlp_chunk", type=int, default=None,

@@ -29,6 +29,7 @@ from minilora.hub import resolve_checkpoint
 from minilora.loading import load_model
 from minilora.lora import DEFAULT_TARGETS, inject_lora, lora_parameters
 from minilora.memory_policy import GiB, MemoryBudgetError, auto_checkpointing
+from minilora.optim import OPTIMIZERS
 from minilora.pypi_models import pypi_gguf
 from minilora.tokenizer import Tokenizer
 from minilora.trainer import Trainer, TrainArgs, TrainingError
@@ -73,7 +74,7 @@ g.add_argument("--learning_rate", type=float, default=1e-3)
 g.add_argument("--weight_decay", type=float, default=0.0)
 g.add_argument("--lr_scheduler_type", default="linear", choices=["linear", "cosine", "constant"])
 g.add_argument("--max_grad_norm", type=float, default=1.0)
-g.add_argument("--optim", default="adamw", choices=["adamw", "adamw_8bit"],
+g.add_argument("--optim", default="adamw", choices=OPTIMIZERS,
                help="adamw_8bit: bitsandbytes-style 8-bit moments, 2 bytes a LoRA weight instead of 8")
 g.add_argument("--gradient_checkpointing", default="auto", choices=["auto", "off", "recompute", "offload"],
                help="per decoder layer; auto: as many layers un-checkpointed as --max_memory_gb allows")
