@@ -3,7 +3,8 @@
 Every dispatch asks `use_triton(t, name)`: the kernel for CUDA tensors, the reference elsewhere. The environment
 variable MINILORA_TRITON narrows that for before/after benchmarks and for ruling a kernel out when chasing a
 numerical problem: `0` sends CUDA tensors to every reference, a comma list (`nf4,rmsnorm`) keeps only the named
-kernels (names: nf4, rmsnorm, gated_act, rope, cross_entropy); unset or `1`, all of them run.
+kernels (names: nf4, rmsnorm, gated_act, rope, cross_entropy,
+adamw8bit); unset or `1`, all of them run.
 """
 import os
 

@@ -102,7 +102,9 @@ def _gated_act_bwd_kernel(
     u_ptr,  # [numel]
     dg_ptr,  # [numel] out: dh * u * act'(g)
     du_ptr,  # [numel] out: dh * act(g)
+    h_ptr,  # [numel] out, with STORE_H: act(g) * u, bitwise the forward's (its down_proj's weight gradient reads it)
     numel,
+    STORE_H: tl.constexpr,
     GELU_TANH: tl.constexpr,
     FP64: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -124,6 +126,8 @@ def _gated_act_bwd_kernel(
     dact = sig + act * ((1.0 / (1.0 + tl.exp(s))) * ds)
     tl.store(dg_ptr + offs, (dh * u * dact).to(dg_ptr.dtype.element_ty), mask=mask)
     tl.store(du_ptr + offs, (dh * act).to(du_ptr.dtype.element_ty), mask=mask)
+    if STORE_H:
+        tl.store(h_ptr + offs, (act * u).to(h_ptr.dtype.element_ty), mask=mask)
 
 
 def _check(g: torch.Tensor, u: torch.Tensor, activation: str) -> None:
@@ -158,15 +162,18 @@ def gated_act_forward_triton(g: torch.Tensor, u: torch.Tensor, activation: str,
 
 
 def gated_act_backward_triton(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, activation: str,
-                              block: int = BLOCK, num_warps: int = NUM_WARPS) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dg, du) = (dh * u * act'(g), dh * act(g)) by the backward kernel, as fresh tensors of g's shape."""
+                              block: int = BLOCK, num_warps: int = NUM_WARPS, store_h: bool = False):
+    """(dg, du) = (dh * u * act'(g), dh * act(g)) by the backward kernel, as fresh tensors of g's shape; with
+    store_h also h = act(g) * u, the forward's output again (dg, du, h): a caller that recomputes h for backward
+    gets it from the pass that reads g and u anyway, instead of a second pass over them."""
     _check(g, u, activation)
     _check(dh, g, activation)
     dh, g, u = dh.contiguous(), g.contiguous(), u.contiguous()  # dh of a .sum() is an expanded stride-0 view
     dg, du = torch.empty_like(g), torch.empty_like(u)
+    h = torch.empty_like(g) if store_h else dg  # (a placeholder pointer the kernel never writes)
     grid, meta = _launch_args(g, activation, block, num_warps)
-    _gated_act_bwd_kernel[grid](dh, g, u, dg, du, g.numel(), **meta)
-    return dg, du
+    _gated_act_bwd_kernel[grid](dh, g, u, dg, du, h, g.numel(), STORE_H=store_h, **meta)
+    return (dg, du, h) if store_h else (dg, du)
 
 
 class GatedActFunction(torch.autograd.Function):

@@ -62,9 +62,10 @@ def _dense(base: torch.Tensor | NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _fold_lora() -> bool:
     """Add the LoRA term inside the base GEMM (its output starts as the LoRA term, beta = 1) rather than after it;
-    the two differ only in rounding order. Opt-in (MINILORA_LORA_FOLD=1) until a before/after on a quiet GPU shows
-    it pays: the one A/B so far (H100, issue 6) ran on a machine whose repeats differed by 12%."""
-    return os.environ.get("MINILORA_LORA_FOLD", "0") == "1"
+    the two differ only in rounding order. MINILORA_LORA_FOLD=0 adds it after, for before/after runs: on an H100
+    (issue 6, one device call, interleaved) the 8B shape at 2 x 2048 ran 14,739 and 14,672 tok/s folded against
+    14,359 unfolded."""
+    return os.environ.get("MINILORA_LORA_FOLD", "1") == "1"
 
 
 def _lora_forward(x, xd, base, bias, A, B, scale: float):
@@ -89,12 +90,12 @@ def _lora_forward(x, xd, base, bias, A, B, scale: float):
     return y, (xd, xa, a, b)
 
 
-def _lora_backward(dy, base, saved, scale: float, lora_dtypes, same: bool, needs):
-    """(dx, dxd, db, dA, dB) for dy [N, out]; `needs` = (x, xd, bias, A, B) flags, `saved` = _lora_forward's."""
-    need_x, need_xd, need_b, need_A, need_B = needs
-    dx = dxd = db = dA = dB = None
+def _lora_input_grad(dy, base, saved, scale: float, same: bool, need_x: bool, need_xd: bool):
+    """(dx, dxd, dyb) for dy [N, out]: dx = dY W₀ (+ s (dY B) A when xd is x), dxd = s (dY B) A when dropout made
+    xd a tensor of its own, and dyb = s dY B [N, r] for the weight gradients. saved: _lora_forward's (None: r = 0)."""
+    dx = dxd = dyb = None
     if saved is not None:
-        xd, xa, a, b = saved  # A [r, in], B [out, r] in the activations' dtype
+        _, _, a, b = saved  # A [r, in], B [out, r] in the activations' dtype
         a, b = a.to(dy.dtype), b.to(dy.dtype)  # no-ops unless dy's dtype differs from x's
         dyb = (dy @ b).mul_(scale)  # s · dY B  [N, r]
     if need_x:
@@ -106,13 +107,14 @@ def _lora_backward(dy, base, saved, scale: float, lora_dtypes, same: bool, needs
                 dx.addmm_(dyb, a)
     if need_xd:  # dropout on: the LoRA branch's input gradient flows back through dropout separately
         dxd = dyb @ a
-    if need_A:
-        dA = (dyb.t() @ xd).to(lora_dtypes[0])  # [r, in]
-    if need_B:
-        dB = (dy.t() @ xa).mul_(scale).to(lora_dtypes[1])  # [out, r]
-    if need_b:
-        db = dy.sum(0)
-    return dx, dxd, db, dA, dB
+    return dx, dxd, dyb
+
+
+def _lora_weight_grads(dy, dyb, xd, xa, scale: float, lora_dtypes, need_b: bool, need_A: bool, need_B: bool):
+    """(db, dA, dB): dA = s (dY B)ᵀ xd [r, in] and dB = s dYᵀ xa [out, r] in the LoRA weights' dtypes, db = Σ dY."""
+    dA = (dyb.t() @ xd).to(lora_dtypes[0]) if need_A else None
+    dB = (dy.t() @ xa).mul_(scale).to(lora_dtypes[1]) if need_B else None
+    return (dy.sum(0) if need_b else None), dA, dB
 
 
 class LoRAFunction(torch.autograd.Function):
@@ -133,17 +135,19 @@ class LoRAFunction(torch.autograd.Function):
     def backward(ctx, dy):  # dy [N, out]
         need_x, need_xd, _, need_b, need_A, need_B, _ = ctx.needs_input_grad
         saved = ctx.saved_tensors or None
-        dx, dxd, db, dA, dB = _lora_backward(dy, ctx.base, saved, ctx.scale, getattr(ctx, "lora_dtypes", None),
-                                             ctx.same, (need_x, need_xd, need_b, need_A, need_B))
+        dx, dxd, dyb = _lora_input_grad(dy, ctx.base, saved, ctx.scale, ctx.same, need_x, need_xd)
+        db, dA, dB = _lora_weight_grads(dy, dyb, *(saved or (None, None))[:2], ctx.scale,
+                                        getattr(ctx, "lora_dtypes", None), need_b, need_A, need_B)
         return dx, dxd, None, db, dA, dB, None
 
 
 class GatedLoRAFunction(torch.autograd.Function):
     """y = LoRA(h) with h = act(g) * u: the MLP's down projection fused with the gated activation before it.
     Separately, down_proj would keep h [N, I] for its weight gradients and the activation would keep g and u:
-    three [N, I] tensors a layer. This Function keeps only g and u and recomputes h in backward (one
-    elementwise pass, ~1% of a layer's time), which frees a third of the MLP's activations (for Llama 3.1 8B at
-    2 x 2048 tokens, 117 MB a layer, 3.7 GB in all). CUDA only: the forward and backward of the activation
+    three [N, I] tensors a layer. This Function keeps only g and u, which frees a third of the MLP's activations
+    (for Llama 3.1 8B at 2 x 2048 tokens, 117 MB a layer, 3.7 GB in all). Backward needs h again for down_proj's
+    dA: the activation's backward kernel, which reads g and u anyway, writes it beside dg and du (a separate
+    recompute pass cost ~3% of an 8B step, issue 6). CUDA only: the forward and backward of the activation
     are kernels/gated_act.py's Triton launches. No dropout (its mask would have to be kept)."""
 
     @staticmethod
@@ -159,15 +163,17 @@ class GatedLoRAFunction(torch.autograd.Function):
     def backward(ctx, dy):  # dy [N, out]
         need_g, need_u, _, _, need_b, need_A, need_B, _ = ctx.needs_input_grad
         g, u, *lora = ctx.saved_tensors
-        saved = None
-        if lora:
-            h = gated_act_forward_triton(g, u, ctx.activation) if need_A else None  # only dA reads h
-            saved = (h, *lora)
-        dh, _, db, dA, dB = _lora_backward(dy, ctx.base, saved, ctx.scale, ctx.lora_dtypes, True,
-                                           (need_g or need_u, False, need_b, need_A, need_B))
-        dg = du = None
-        if dh is not None:
+        saved = (None, *lora) if lora else None  # h is not kept: the activation's backward below remakes it
+        dh, _, dyb = _lora_input_grad(dy, ctx.base, saved, ctx.scale, True, need_g or need_u, False)
+        dg = du = h = None
+        if dh is not None and need_A:  # dA reads h: the backward kernel writes it beside dg and du
+            dg, du, h = gated_act_backward_triton(dh, g, u, ctx.activation, store_h=True)
+        elif dh is not None:
             dg, du = gated_act_backward_triton(dh, g, u, ctx.activation)
+        elif need_A:
+            h = gated_act_forward_triton(g, u, ctx.activation)
+        db, dA, dB = _lora_weight_grads(dy, dyb, h, lora[0] if lora else None, ctx.scale, ctx.lora_dtypes,
+                                        need_b, need_A, need_B)
         return dg, du, None, None, db, dA, dB, None
 
 

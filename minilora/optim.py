@@ -18,8 +18,9 @@ MIN_8BIT_SIZE (4096) elements keep fp32 m and v, as bnb's `min_8bit_size` does. 
 (fp32 [ceil(numel / 256)]).
 
 Speed: a LoRA model has hundreds of small tensors (448 for an 8B model), and a per-tensor loop of ~25 ops each
-would be ~11k kernel launches a step. Instead a group's 8-bit tensors share flat buffers, each tensor's segment
-padded to whole blocks (so no block straddles two tensors and the blocks are bnb's per-tensor blocks):
+would be ~11k kernel launches a step. Instead a group's 8-bit tensors of one dtype share flat buffers, each
+tensor's segment padded to whole blocks (so no block straddles two tensors and the blocks are bnb's per-tensor
+blocks):
 
     params     A0 [16, 4096]        B0 [4096, 16]        A1 [16, 4096]   ...      bias [500]
     8-bit      |A0 .......|B0 .......|A1 .......| ...    state1, state2 uint8 [N], absmax1, absmax2 fp32 [N/256]
@@ -27,8 +28,10 @@ padded to whole blocks (so no block straddles two tensors and the blocks are bnb
 
 and the step walks them in chunks of `chunk_size` elements (2^22): gather the chunk's grads and params into fp32
 buffers (`torch._foreach_copy_`), dequantize, do the math, requantize and write the params back: 35 kernels a
-chunk, 350 a step for 42M elements. The per-tensor state entries are views into the flat buffers, so
-`state_dict` sees bnb's layout (and `torch.save` writes each buffer once).
+chunk, 350 a step for 42M elements. On CUDA an 8-bit pack takes one launch instead (kernels/adamw8bit.py, which
+reads the params and grads in place): the 350 launches kept the GPU idle for ~13 ms of an 8B step. The
+per-tensor state entries are views into the flat buffers, so `state_dict` sees bnb's layout (and `torch.save`
+writes each buffer once).
 
 Where this differs from bitsandbytes 0.50 (all at the level of fp32 rounding):
 - Rounding to the nearest level compares against fp32 midpoints of the map, as bnb's CUDA kernel does
@@ -52,8 +55,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from minilora.kernels import use_triton
+from minilora.kernels.adamw8bit import BLOCK, adamw8bit_step_triton, block_tables  # BLOCK: bnb's 256
+
 OPTIMIZERS = ("adamw", "adamw_8bit")  # the trainer's choices: torch's AdamW (fp32 moments), or AdamW8bit below
-BLOCK = 256  # elements per absmax (bnb's blocksize for 8-bit optimizer states)
 MIN_8BIT_SIZE = 4096  # smaller tensors keep fp32 moments (bnb: min_8bit_size)
 CHUNK_SIZE = 1 << 22  # elements stepped at once: ~20 bytes of fp32 temporaries each, 80 MiB (step_workspace_bytes)
 # optimizer state per element of a tensor with 8-bit moments: two codes + two fp32 absmax per 256 elements
@@ -162,8 +167,8 @@ def _from_bnb(state: dict, maps: tuple[Tensor, Tensor]) -> dict:
 
 @dataclass
 class _Pack:
-    """The params of one group that share a state format, end to end in flat buffers; param i owns elements
-    [offsets[i], offsets[i] + numel) and its padding up to offsets[i + 1] (both multiples of BLOCK)."""
+    """The params of one group that share a state format and dtype, end to end in flat buffers; param i owns
+    elements [offsets[i], offsets[i] + numel) and its padding up to offsets[i + 1] (both multiples of BLOCK)."""
     params: list[Tensor]
     index: list[int]  # of each param in its group (for messages)
     offsets: list[int]  # len(params) + 1
@@ -172,6 +177,7 @@ class _Pack:
     absmax1: Tensor | None = None  # [N / BLOCK] fp32, 8-bit packs only
     absmax2: Tensor | None = None
     maps: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # signed, its midpoints, unsigned, its midpoints
+    tables: tuple[Tensor, Tensor, Tensor] | None = None  # the kernel's numels, blk_param, blk_elem (made on use)
 
     @property
     def quantized(self) -> bool:
@@ -224,9 +230,10 @@ class AdamW8bit(torch.optim.Optimizer):
             if p.device != params[0].device:
                 raise ValueError(f"AdamW8bit: param {i} of group {gi} is on {p.device}, param 0 on "
                                  f"{params[0].device}; put a group's params on one device")
-        quantized = [self._is_8bit(p) for p in params]
-        return [self._build_pack(gi, [i for i, q in enumerate(quantized) if q == want], want)
-                for want in (True, False) if want in quantized]
+        # one pack per state format and param dtype (the kernel reads one dtype), in order of first appearance
+        kinds = [(self._is_8bit(p), p.dtype) for p in params]
+        return [self._build_pack(gi, [i for i, k in enumerate(kinds) if k == kind], kind[0])
+                for kind in dict.fromkeys(kinds)]
 
     def _is_8bit(self, p: Tensor) -> bool:
         """A loaded state keeps its format (bnb decides by state1's dtype too); a new one goes by size."""
@@ -320,8 +327,15 @@ class AdamW8bit(torch.optim.Optimizer):
                 runs.append((i, i + 1, t))
         return runs
 
+    def _use_kernel(self, pack: _Pack, first: int, end: int) -> bool:
+        """The Triton step (kernels/adamw8bit.py) for 8-bit packs on CUDA whose grads have their params' dtype."""
+        return (pack.quantized and use_triton(pack.state1, "adamw8bit")
+                and all(p.grad.dtype == p.dtype for p in pack.params[first:end]))
+
     def _step_range(self, pack: _Pack, group: dict, first: int, end: int, t: int) -> None:
         """One step of params first..end-1 of the pack (consecutive, so one range of the flat buffers)."""
+        if self._use_kernel(pack, first, end):
+            return self._step_range_triton(pack, group, first, end, t)
         grads = [p.grad.reshape(-1) for p in pack.params[first:end]]
         flats = [p.view(-1) for p in pack.params[first:end]]
         start, stop = pack.offsets[first], pack.offsets[end]
@@ -342,6 +356,22 @@ class AdamW8bit(torch.optim.Optimizer):
                 g_src.append(grads[i - first] if whole else grads[i - first][a - off:b - off])
                 p_src.append(flats[i - first] if whole else flats[i - first][a - off:b - off])
             self._step_chunk(pack, group, lo, hi, t, g_src, p_src, sizes + [hi - at])
+
+    @staticmethod
+    def _step_range_triton(pack: _Pack, group: dict, first: int, end: int, t: int) -> None:
+        """_step_range in one launch of kernels/adamw8bit.py, which reads each param and grad where it is."""
+        if pack.tables is None:
+            numels = [p.numel() for p in pack.params]
+            pack.tables = (torch.tensor(numels, device=pack.state1.device),
+                           *block_tables(numels, pack.state1.device))
+        grads = [None] * len(pack.params)
+        for i in range(first, end):
+            grads[i] = pack.params[i].grad.contiguous()  # (a no-op for autograd's grads)
+        lo, hi = pack.offsets[first] // BLOCK, pack.offsets[end] // BLOCK
+        beta1, beta2 = group["betas"]
+        adamw8bit_step_triton(pack.params, grads, pack.tables, pack.state1, pack.state2, pack.absmax1, pack.absmax2,
+                              pack.maps, lo, hi - lo, group["lr"], beta1, beta2, group["eps"],
+                              group["weight_decay"], t)
 
     @staticmethod
     def _step_chunk(pack: _Pack, group: dict, lo: int, hi: int, t: int, grads: list[Tensor], params: list[Tensor],

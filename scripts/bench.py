@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import time
 
@@ -188,21 +189,73 @@ def train_step(model, opt, ids, labels, config, chunk):
     return loss
 
 
+# kernel-name patterns -> what the time is spent on, for the profile's summary (first match wins)
+KERNEL_KINDS = [
+    ("attention", r"flash|fmha|attention"),
+    ("nf4 dequant", r"dequantize_nf4"),
+    ("rmsnorm / rope / gated act / loss (Triton)", r"_rmsnorm_|_rope_|_gated_act_|_ce_kernel"),
+    ("optimizer", r"adam|_optim|multi_tensor"),
+    ("matmul", r"gemm|cutlass|nvjet|xmma|cublas|splitk|sm90|sm80"),
+    ("host <-> device copy", r"Memcpy HtoD|Memcpy DtoH|Memcpy PtoP"),
+    ("reduction", r"reduce"),
+    ("elementwise / copy / other", r"."),
+]
+
+
 def print_profile(model, opt, batch, config, chunk, device, rows: int = 25):
-    """The kernels of one step, by total self time on the device (torch.profiler)."""
+    """The kernels of one step, by total self time on the device (torch.profiler), then the same time summed
+    by kind (KERNEL_KINDS)."""
     from torch.profiler import ProfilerActivity, profile
     ids, labels = batch[0].to(device), batch[1].to(device)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts) as prof:
         train_step(model, opt, ids, labels, config, chunk)
         sync(device)
+    events = prof.key_averages()
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     try:
-        table = prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
+        table = events.table(sort_by=key, row_limit=rows, max_name_column_width=60)
     except Exception:  # newer torch names it by device
-        table = prof.key_averages().table(sort_by=key.replace("cuda", "device"), row_limit=rows,
-                                          max_name_column_width=60)
+        key = key.replace("cuda", "device")
+        table = events.table(sort_by=key, row_limit=rows, max_name_column_width=60)
     print(table, flush=True)
+    if device.type != "cuda":
+        return
+    kinds = dict.fromkeys([k for k, _ in KERNEL_KINDS], 0.0)
+    for e in events:
+        if e.device_type != torch.autograd.DeviceType.CUDA:  # kernels only: CPU-side ops would count twice
+            continue
+        kind = next(k for k, pat in KERNEL_KINDS if re.search(pat, e.key, re.IGNORECASE))
+        us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        kinds[kind] += us / 1e3
+    total = sum(kinds.values())
+    print(f"device time by kind (ms, of {total:.1f}):", flush=True)
+    for k, ms in sorted(kinds.items(), key=lambda kv: -kv[1]):
+        print(f"  {ms:8.1f}  {100 * ms / total:5.1f}%  {k}", flush=True)
+    print_idle(prof)
+
+
+def print_idle(prof, top: int = 8):
+    """Where the GPU waited for the CPU during the profiled step: gaps between one kernel's end and the next
+    one's start (any stream), their total, and the longest with the kernels either side. The profiler slows
+    the CPU side, so these overstate the idle time of an unprofiled step; where they sit is the point."""
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA and "annotation" not in e.name.lower()
+                   and not e.name.startswith(("Optimizer.", "ProfilerStep")))
+    if not spans:
+        return
+    gaps, end, prev = [], spans[0][1], spans[0][2]
+    for start, stop, name in spans[1:]:
+        if start > end:
+            gaps.append((start - end, prev, name))
+        if stop > end:
+            end, prev = stop, name
+    idle = sum(g for g, _, _ in gaps) / 1e3
+    small = sum(g for g, _, _ in gaps if g < 20) / 1e3
+    print(f"GPU idle between kernels: {idle:.1f} ms of {(end - spans[0][0]) / 1e3:.1f} ms "
+          f"({len(gaps)} gaps; {small:.1f} ms in gaps under 20 us); longest:", flush=True)
+    for g, a, b in sorted(gaps, reverse=True)[:top]:
+        print(f"  {g / 1e3:7.2f} ms  after {a[:50]}  before {b[:50]}", flush=True)
 
 
 def run(args) -> dict:
@@ -249,7 +302,7 @@ def run(args) -> dict:
         losses.append(loss.item())
 
     if args.profile:  # one more step under the profiler: where the time goes, kernel by kernel
-        print_profile(model, opt, data[-1], config, chunk, device)
+        print_profile(model, opt, data[-1], config, chunk, device, args.profile_rows)
 
     step = statistics.median(times[args.warmup:])
     flops = train_flops(config, args.batch_size, args.seq_len, modes, args.r, mlp_chunk)
@@ -293,6 +346,7 @@ def main():
     # report
     p.add_argument("--profile", action="store_true", help="after the timed steps, profile one more and print "
                    "the kernels that take the most device time")
+    p.add_argument("--profile_rows", type=int, default=25, help="--profile: kernels listed")
     p.add_argument("--peak_tflops", type=float, default=989.0, help="dense bf16 peak for MFU (H100 SXM: 989)")
     args = p.parse_args()
 

@@ -18,6 +18,12 @@
 #                                       # curve, 32k at 14 GB; Unsloth's 8B rows beside them
 #   bash scripts/gpu_session.sh part8   # the LoRA term folded into the base GEMM, off and on (MINILORA_LORA_FOLD=1), 8B
 #                                       # and 1B; 32k at 14 GB; Unsloth's 1B rows beside them; an 8B profile
+#   bash scripts/gpu_session.sh part9   # profiles: 8B bs 2 (no checkpointing), at 7 and 10 GB budgets, 32k at 14 GB;
+#                                       # the LoRA fold A/B again, interleaved
+#   bash scripts/gpu_session.sh part10  # AdamW8bit in one launch (before/after: MINILORA_TRITON without adamw8bit), h from
+#                                       # the gated backward kernel, the LoRA fold now on (off: MINILORA_LORA_FOLD=0)
+#   bash scripts/gpu_session.sh part11  # where the GPU waits for the CPU (profiles with idle gaps): 8B bs 2, 7 GB, 1B bs 8;
+#                                       # 32k at 14 GB
 #   bash scripts/gpu_session.sh part0   # CPU self-test of this script (tiny model, no peers), any machine
 #   bash scripts/gpu_session.sh run NAME...   # only these jobs (e.g. the ones a part skipped for time)
 #   bash scripts/gpu_session.sh list          # every job, its part, expected seconds and command
@@ -127,6 +133,27 @@ part8 u_1b_bs2         60 300 peer_run 1b --framework unsloth --bs 2 --seq 2048
 part8 u_1b_bs2_gcoff   50 300 peer_run 1b --framework unsloth --bs 2 --seq 2048 --gc off
 part8 u_1b_bs8         60 300 peer_run 1b --framework unsloth --bs 8 --seq 2048
 part8 m_8b_bs2_profile 30 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W --profile
+part9 m_8b_bs2_profile 30 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W --profile --profile_rows 45
+part9 m_8b_budget7_profile 30 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 7 $W --profile
+part9 m_8b_budget10_profile 30 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 10 $W --profile
+part9 m_8b_bs2_fold    20 240 MINILORA_LORA_FOLD=1 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
+part9 m_8b_bs2         20 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
+part9 m_8b_bs2_fold2   20 240 MINILORA_LORA_FOLD=1 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
+part9 m_8b_32k_profile 70 300 $B --preset llama-3.1-8b --batch_size 1 --seq_len 32768 --gc auto --max_memory_gb 14 $W --profile --profile_rows 30
+part10 kcheck          20  90 python3 tests/gpu_check_kernels.py
+part10 m_8b_bs2        20 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
+part10 m_8b_bs2_optimtorch 20 240 MINILORA_TRITON=nf4,rmsnorm,gated_act,rope,cross_entropy $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
+part10 m_8b_bs2_nofold 20 240 MINILORA_LORA_FOLD=0 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
+part10 m_8b_bs2_again  20 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
+part10 m_8b_budget7    20 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 7 $W
+part10 m_8b_budget7_nofold 20 240 MINILORA_LORA_FOLD=0 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 7 $W
+part10 m_8b_lean       20 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 6.8 $W
+part10 m_1b_bs2        17 180 $B --preset llama-3.2-1b --batch_size 2 --seq_len 2048 --gc auto $W
+part10 m_8b_bs2_profile 30 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W --profile --profile_rows 30
+part11 m_8b_bs2_profile 30 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W --profile --profile_rows 12
+part11 m_8b_budget7_profile 30 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 7 $W --profile --profile_rows 12
+part11 m_1b_bs8_profile 20 240 $B --preset llama-3.2-1b --batch_size 8 --seq_len 2048 --gc auto $W --profile --profile_rows 12
+part11 m_8b_32k_14gb   60 300 $B --preset llama-3.1-8b --batch_size 1 --seq_len 32768 --gc auto --max_memory_gb 14 $W
 part4 h_8b_bs2        120 360 peer_run 8b --framework hf --bs 2 --seq 2048
 part4 h_1b_bs2         60 300 peer_run 1b --framework hf --bs 2 --seq 2048
 part4 m_qwen7b_bs2     40 240 $B --preset qwen2.5-7b --batch_size 2 --seq_len 2048 --gc auto $W
@@ -277,7 +304,7 @@ case "$PART" in
         [ $# -gt 0 ] || { echo "run NAME..."; exit 2; }
         for n in "$@"; do jobs | awk -v n="$n" '$2 == n {f = 1} END {exit !f}' || { echo "no job $n (see: list)"; exit 2; }; done
         WANT=" $* " ;;
-    part0 | part1 | part2 | part3 | part4 | part5 | part6 | part7 | part8) WANT="" ;;
+    part0 | part1 | part2 | part3 | part4 | part5 | part6 | part7 | part8 | part9 | part10 | part11) WANT="" ;;
     *) echo "unknown part $PART; see: bash $0"; exit 2 ;;
 esac
 LOG=$OUT/$PART

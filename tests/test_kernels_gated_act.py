@@ -63,7 +63,17 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
         out[name] = {"h": h, "dg": dg, "du": du,
                      # a 16-element block: many programs and a masked tail even for small tensors
                      "h16": K.gated_act_forward_triton(g, u, act, block=16),
-                     "dgdu16": K.gated_act_backward_triton(dh, g, u, act, block=16)}
+                     "dgdu16": K.gated_act_backward_triton(dh, g, u, act, block=16),
+                     "dgduh16": K.gated_act_backward_triton(dh, g, u, act, block=16, store_h=True)}
+
+    # down_proj fused with the activation (minilora/lora.py): its backward takes h from the backward kernel
+    from minilora.lora import GatedLoRAFunction
+    from test_kernels_gated_act import gated_lora_inputs
+    for act in K.ACTIVATIONS:
+        leaves, W, dy = gated_lora_inputs()
+        y = GatedLoRAFunction.apply(leaves[0], leaves[1], act, W, None, leaves[2], leaves[3], 0.5)
+        y.backward(dy)
+        out[f"gated_lora-{act}"] = [y.detach()] + [t.grad for t in leaves]
 
     # h.sum().backward() hands the backward an expanded, stride-0 dh; only g requiring grad gives du = None
     g, u, dh = inputs("silu-float32-2x7x33")
@@ -122,9 +132,32 @@ def test_triton_matches_reference(triton_out, name):
             once = grads(gated_act_reference, g.float(), u.float(), dh.float(), act)[("h", "dg", "du").index(what)]
             close(f"{name} {what} vs fp32 rounded once", o, once.bfloat16(), 2**-7, atol)
             close(f"{name} {what} vs torch bf16", o, t, 2**-6, atol)
-    # elementwise: the block size changes nothing
+    # elementwise: the block size changes nothing; the backward's h is the forward's, bit for bit
     assert torch.equal(res["h16"], res["h"])
     assert torch.equal(res["dgdu16"][0], res["dg"]) and torch.equal(res["dgdu16"][1], res["du"])
+    assert all(torch.equal(a, b) for a, b in zip(res["dgduh16"], (res["dg"], res["du"], res["h"])))
+
+
+def gated_lora_inputs(seed: int = 3):
+    """(g, u, A, B) as leaves that require grad, a dense W [24, 40] and dy [6, 24], fp32."""
+    gen = torch.Generator().manual_seed(seed)
+    g, u = torch.randn(6, 40, generator=gen) * 3, torch.randn(6, 40, generator=gen)
+    W, A, B = (torch.randn(shape, generator=gen) * 0.2 for shape in ((24, 40), (4, 40), (24, 4)))
+    leaves = [t.requires_grad_() for t in (g, u, A, B)]
+    return leaves, W, torch.randn(6, 24, generator=gen)
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_gated_lora_function(triton_out, act):
+    """GatedLoRAFunction (act(g) * u, then the LoRA linear; h from the backward kernel) against LoRAFunction over
+    the torch activation: output and the gradients of g, u, A and B."""
+    from minilora.lora import LoRAFunction
+    leaves, W, dy = gated_lora_inputs()
+    y = LoRAFunction.apply(gated_act_reference(leaves[0], leaves[1], act), None, W, None, leaves[2], leaves[3], 0.5)
+    y.backward(dy)
+    for what, o, r in zip(("y", "dg", "du", "dA", "dB"), triton_out[f"gated_lora-{act}"], [y.detach()] +
+                          [t.grad for t in leaves]):
+        close(f"gated lora {act} {what}", o, r, 0, 1e-5 * max(1.0, r.abs().max().item()))
 
 
 def test_expanded_grad_output(triton_out):
