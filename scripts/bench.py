@@ -43,7 +43,7 @@ from minilora.checkpointing import set_checkpointing
 from minilora.config import ModelConfig
 from minilora.lora import DEFAULT_TARGETS, LoRALinear, inject_lora, lora_parameters, replace_linears_for_4bit
 from minilora.loss import chunked_cross_entropy
-from minilora.memory_policy import GiB, auto_checkpointing
+from minilora.memory_policy import GiB, apply_plan, auto_checkpointing
 from minilora.models import build_model
 from minilora.optim import OPTIMIZERS, AdamW8bit
 
@@ -278,12 +278,13 @@ def run(args) -> dict:
                                   mlp_chunks=None if mlp_chunk is None else [mlp_chunk], optim=args.optim)
         print(f"auto checkpointing: {plan}", flush=True)
         modes, chunk, mlp_chunk = plan.modes, chunk or plan.ce_chunk_size, mlp_chunk or plan.mlp_chunk
-        out.update(budget_gb=plan.budget / GiB, predicted_peak_gb=plan.peak / GiB)
+        out.update(budget_gb=plan.budget / GiB, predicted_peak_gb=plan.peak / GiB, dense_layers=plan.dense_layers)
+        apply_plan(model, plan)
     else:
         modes = [args.gc] * config.num_hidden_layers
         if args.max_memory_gb is not None:
             print(f"note: --max_memory_gb applies to --gc auto only; --gc {args.gc} ignores it", flush=True)
-    set_checkpointing(model, modes, mlp_chunk)
+        set_checkpointing(model, modes, mlp_chunk)
     opt = (AdamW8bit(params, lr=2e-4, weight_decay=0.01) if args.optim == "adamw_8bit" else
            torch.optim.AdamW(params, lr=2e-4, weight_decay=0.01, fused=cuda))
 

@@ -24,6 +24,8 @@
 #                                       # the gated backward kernel, the LoRA fold now on (off: MINILORA_LORA_FOLD=0)
 #   bash scripts/gpu_session.sh part11  # where the GPU waits for the CPU (profiles with idle gaps): 8B bs 2, 7 GB, 1B bs 8;
 #                                       # 32k at 14 GB
+#   bash scripts/gpu_session.sh part12  # the 8B budget curve (7/10/14/20/40 GB and the default) with dequantized weights
+#                                       # kept where the budget has room; Unsloth's two 8B modes beside it
 #   bash scripts/gpu_session.sh part0   # CPU self-test of this script (tiny model, no peers), any machine
 #   bash scripts/gpu_session.sh run NAME...   # only these jobs (e.g. the ones a part skipped for time)
 #   bash scripts/gpu_session.sh list          # every job, its part, expected seconds and command
@@ -91,10 +93,10 @@ part3 u_1b_bs8         60 300 peer_run 1b --framework unsloth --bs 8 --seq 2048
 part3 m_8b_64k        100 240 $B --preset llama-3.1-8b --batch_size 1 --seq_len 65536 --gc auto --warmup 1 --steps 2
 part3 m_1b_bs8_norope  17 180 MINILORA_TRITON=nf4,rmsnorm,gated_act $B --preset llama-3.2-1b --batch_size 8 --seq_len 2048 --gc auto $W
 part3 m_8b_bs2_norope  22 240 MINILORA_TRITON=nf4,rmsnorm,gated_act $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
-part5 kcheck           15  90 python3 tests/gpu_check_kernels.py
 part5 m_1b_bs2         17 180 $B --preset llama-3.2-1b --batch_size 2 --seq_len 2048 --gc auto $W
 part5 m_1b_bs8         17 180 $B --preset llama-3.2-1b --batch_size 8 --seq_len 2048 --gc auto $W
 part5 m_8b_bs2         20 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
+part5 m_8b_budget7     20 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 7 $W
 part5 m_8b_32k_14gb    55 300 $B --preset llama-3.1-8b --batch_size 1 --seq_len 32768 --gc auto --max_memory_gb 14 $W
 part5 p_1b_make        20 240 peer_make 1b
 part5 u_1b_bs2         60 300 peer_run 1b --framework unsloth --bs 2 --seq 2048
@@ -154,6 +156,16 @@ part11 m_8b_bs2_profile 30 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len
 part11 m_8b_budget7_profile 30 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 7 $W --profile --profile_rows 12
 part11 m_1b_bs8_profile 20 240 $B --preset llama-3.2-1b --batch_size 8 --seq_len 2048 --gc auto $W --profile --profile_rows 12
 part11 m_8b_32k_14gb   60 300 $B --preset llama-3.1-8b --batch_size 1 --seq_len 32768 --gc auto --max_memory_gb 14 $W
+part12 kcheck          20  90 python3 tests/gpu_check_kernels.py
+part12 m_8b_bs2        25 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
+part12 m_8b_budget20   20 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 20 $W
+part12 m_8b_budget14   20 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 14 $W
+part12 m_8b_budget10   20 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 10 $W
+part12 m_8b_budget7    20 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 7 $W
+part12 m_8b_budget40   25 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 40 $W
+part12 p_8b_make       35 300 peer_make 8b
+part12 u_8b_bs2        60 300 peer_run 8b --framework unsloth --bs 2 --seq 2048
+part12 u_8b_bs2_gcoff  55 300 peer_run 8b --framework unsloth --bs 2 --seq 2048 --gc off
 part4 h_8b_bs2        120 360 peer_run 8b --framework hf --bs 2 --seq 2048
 part4 h_1b_bs2         60 300 peer_run 1b --framework hf --bs 2 --seq 2048
 part4 m_qwen7b_bs2     40 240 $B --preset qwen2.5-7b --batch_size 2 --seq_len 2048 --gc auto $W
@@ -304,7 +316,7 @@ case "$PART" in
         [ $# -gt 0 ] || { echo "run NAME..."; exit 2; }
         for n in "$@"; do jobs | awk -v n="$n" '$2 == n {f = 1} END {exit !f}' || { echo "no job $n (see: list)"; exit 2; }; done
         WANT=" $* " ;;
-    part0 | part1 | part2 | part3 | part4 | part5 | part6 | part7 | part8 | part9 | part10 | part11) WANT="" ;;
+    part0 | part1 | part2 | part3 | part4 | part5 | part6 | part7 | part8 | part9 | part10 | part11 | part12) WANT="" ;;
     *) echo "unknown part $PART; see: bash $0"; exit 2 ;;
 esac
 LOG=$OUT/$PART

@@ -28,7 +28,7 @@ from minilora.generation import generate
 from minilora.hub import resolve_checkpoint
 from minilora.loading import load_model
 from minilora.lora import DEFAULT_TARGETS, inject_lora, lora_parameters
-from minilora.memory_policy import GiB, MemoryBudgetError, auto_checkpointing
+from minilora.memory_policy import GiB, MemoryBudgetError, apply_plan, auto_checkpointing
 from minilora.optim import OPTIMIZERS
 from minilora.pypi_models import pypi_gguf
 from minilora.tokenizer import Tokenizer
@@ -169,7 +169,7 @@ if args.gradient_checkpointing == "auto":
     except MemoryBudgetError as e:
         sys.exit(f"--max_memory_gb: {e}")
     print(f"auto checkpointing for {args.per_device_train_batch_size} x {seq} tokens: {plan}")
-    set_checkpointing(model, plan.modes, plan.mlp_chunk)
+    apply_plan(model, plan)
     ce_chunk_size = plan.ce_chunk_size
 else:
     set_checkpointing(model, args.gradient_checkpointing)

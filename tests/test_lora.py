@@ -141,8 +141,12 @@ def test_nf4_module_moves_casts_and_state_dict():
     assert m.nf4.nested_absmax.dtype == torch.float32 and m.nf4.offset.dtype == torch.float32
     assert m.lora_A.weight.dtype == m.lora_B.weight.dtype == torch.float32  # the optimizer's master copy
     check("nf4 bf16 vs fp32 forward", m(x.bfloat16()), y32, 2**-6 * y32.abs().max().item())
+    m.keep_dense()  # a dequantized copy: not in the state dict, follows casts and moves, the same outputs
+    assert set(m.state_dict()) == {"bias", "lora_A.weight", "lora_B.weight"}
+    assert torch.equal(m(x.bfloat16()), m.to(torch.float32).to(torch.bfloat16)(x.bfloat16()))
+    assert m.dense.dtype == torch.bfloat16 and torch.equal(m.dense, m.dense_weight())
     m.to("meta")
-    assert m.nf4.packed.is_meta and m.bias.is_meta
+    assert m.nf4.packed.is_meta and m.bias.is_meta and m.dense.is_meta
 
 
 def test_bf16_nf4_trains_in_compute_dtype():

@@ -14,8 +14,9 @@ from conftest import report
 from minilora.checkpointing import LayerCheckpoint, host_bytes, set_checkpointing
 from minilora.config import ModelConfig
 from minilora.lora import LoRALinear, inject_lora, replace_linears_for_4bit
-from minilora.memory_policy import (GiB, MemoryBudgetError, ModeCost, auto_checkpointing, estimate_head_bytes,
-                                    estimate_layer_costs, fmt_bytes, plan_checkpointing, predict_peak)
+from minilora.memory_policy import (GiB, MemoryBudgetError, ModeCost, apply_plan, auto_checkpointing,
+                                    estimate_head_bytes, estimate_layer_costs, fmt_bytes, plan_checkpointing,
+                                    predict_peak)
 from minilora.models import build_model
 from minilora.models.common import AttentionInputs
 
@@ -130,6 +131,46 @@ def test_host_budget_trades_off_layers_for_recompute():
     with pytest.raises(MemoryBudgetError, match="host memory is too small") as e:
         plan_checkpointing(UNIFORM, FIXED, HEAD, DY, lean, host_budget=per - 1)
     print(e.value)
+
+
+def test_dense_weights_take_only_the_room_left():
+    """Dequantized weights come after activations: the modes are those of the plan without them, and they fill
+    the room left over layer by layer, never past the budget."""
+    n, dense = len(UNIFORM), [700] * len(UNIFORM)
+    full = predict_peak(["off"] * n, UNIFORM, FIXED, HEAD, DY)
+    for budget in (full - 500, full, full + 699, full + 700, full + 5 * 700 + 1, full + 100 * 700):
+        plain, plan = plan_at(UNIFORM, budget), plan_checkpointing(UNIFORM, FIXED, HEAD, DY, budget, dense=dense)
+        print(budget - full, plan.counts())
+        assert plan.modes == plain.modes and plan.peak <= budget
+        assert plan.dense_layers == min(n, (budget - plain.peak) // 700)
+        assert plan.peak == plain.peak + 700 * plan.dense_layers
+
+
+def test_apply_plan_keeps_dense_weights_that_train_the_same():
+    """apply_plan keeps the planned layers' weights dequantized (the others not) and a plan made again drops
+    them first; loss and gradients are bit for bit those of dequantizing on the fly."""
+    torch.manual_seed(0)
+    model = tiny_qlora(LLAMA, dtype=torch.float32)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.05)
+    ids = torch.randint(0, LLAMA["vocab_size"], (2, 32), generator=torch.Generator().manual_seed(1))
+    per_layer = sum(m.nf4.shape.numel() * 4 for m in model.model.layers[0].modules()
+                    if isinstance(m, LoRALinear) and m.nf4 is not None)
+    roomy = auto_checkpointing(model, 2, 32, budget=10 * GiB, reserve=0, chunk_sizes=[64])
+    assert roomy.dense_layers == 4 and roomy.peak == roomy.full + 4 * per_layer  # counted in the peak
+    plan = auto_checkpointing(model, 2, 32, budget=roomy.full + 2 * per_layer, reserve=0, chunk_sizes=[64])
+    assert plan.modes == ["off"] * 4 and plan.dense_layers == 2, plan
+    set_checkpointing(model, "off")
+    ref_loss, ref = loss_and_grads(model, ids)
+    apply_plan(model, plan)
+    kept = [[m.dense is not None for m in layer.modules() if isinstance(m, LoRALinear)] for layer in model.model.layers]
+    assert kept == [[True] * 7, [True] * 7, [False] * 7, [False] * 7]
+    loss, got = loss_and_grads(model, ids)
+    assert torch.equal(loss, ref_loss) and all(torch.equal(got[n], ref[n]) for n in ref)
+    auto_checkpointing(model, 2, 32, budget=10 * GiB, reserve=0, chunk_sizes=[64])  # plans from NF4 alone
+    assert all(m.dense is None for m in model.modules() if isinstance(m, LoRALinear))
 
 
 # --- the formula against autograd ------------------------------------------------------------------------------
@@ -292,7 +333,7 @@ def test_predicted_peak_matches_cuda(fraction):
     roomy = auto_checkpointing(model, B, T, budget=1000 * GiB, reserve=0)
     budget = int(roomy.lean + fraction * (roomy.full - roomy.lean)) + 16 * MiB  # + measurement jitter
     plan = auto_checkpointing(model, B, T, budget=budget, reserve=0)
-    set_checkpointing(model, plan.modes)
+    apply_plan(model, plan)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], fused=True)
     ids = torch.randint(0, cfg["vocab_size"], (B, T), device="cuda")
     torch.cuda.reset_peak_memory_stats()
