@@ -3,8 +3,9 @@
 The reference is the optimizer's own plain-torch step (`AdamW8bit._step_chunk`, which documents the formula and
 bnb's semantics); `AdamW8bit._step_range` dispatches between the two. Why a kernel: a LoRA model's 448 small
 tensors (8B shape) take ~350 torch launches a step even when stepped through flat buffers, and at a few
-microseconds of CPU each the GPU idles through the step (H100, issue 6: 18 ms of a 283 ms step, for ~5 ms of
-kernel time). Here the whole step is one launch.
+microseconds of CPU each the GPU idles through the step (H100, issue 6: the step spanned 18 ms of a 283 ms
+training step for ~5 ms of kernel time). Here the whole step is one launch of ~1 ms; the 8B training step at
+2 x 2048 ran 14,874 and 14,740 tok/s against 14,525 with the torch step (same device call).
 
 Layout: the optimizer keeps each tensor's 8-bit state in flat buffers, each tensor's segment padded to whole
 blocks of 256 (`_Pack`). A program takes one such block b: the tensor it belongs to and the block's first
@@ -14,7 +15,8 @@ pointer tables (int64 addresses, rebuilt every step because autograd hands out n
     program b:  i = blk_param[b], e = blk_elem[b]        elements e .. e + 255 of param i (masked past its end)
                 g = grad_i[e:], p = param_i[e:]           in fp32 (params and grads: fp32, bf16 or fp16)
                 m = SIGNED[state1[b]] * absmax1[b],  v = UNSIGNED[state2[b]] * absmax2[b]
-                m = b1 m + (1 - b1) g,   v = b2 v + (1 - b2) g²,   p = p (1 - lr wd) - lr/(1 - b1^t) m / (√v / √(1 - b2^t) + eps)
+                m = b1 m + (1 - b1) g,   v = b2 v + (1 - b2) g²
+                p = p (1 - lr wd) - lr / (1 - b1^t) · m / (√v / √(1 - b2^t) + eps)
                 absmax1[b] = max |m| over the block; state1[b] = number of midpoints of SIGNED below m / absmax1[b]
                 (the same for v), i.e. the nearest level, found by an 8-step binary search over the 255 midpoints
 

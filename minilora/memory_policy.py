@@ -31,13 +31,13 @@ The policy, in layer order:   [offload × a] [recompute × b] [off × c]
     2. then b as large as fits: recompute keeps x_i on the GPU, so no PCIe traffic at all.
     3. offload the rest, the earliest layers: their backward comes last, so while it waits the whole later
        backward runs and each prefetch has time to land; and their inputs leave first in forward.
+    4. with the room still left, keep the NF4 weights of as many layers as fit dequantized on the GPU
+       (`LoRALinear.keep_dense`): each saves its layer two dequantizations a step (and their kernel launches,
+       on which a small batch waits), for ~4x its weights' bytes. Activations come first: an off layer saves
+       ~10x more time per byte (8B shape at 2 x 2048: ~4 ms for 0.41 GiB, against ~0.4 ms for 0.41 GiB).
 Off layers sit at the end because their backward comes first: their activations are freed before any
 recompute starts, so the recomputed layer never coexists with them (one layer less at the peak).
 Each step stops at the first layer that does not fit, so a larger budget never gives fewer off layers.
-    4. with the room still left, keep the NF4 weights of as many layers as fit dequantized on the GPU
-       (`LoRALinear.keep_dense`): each saves its layer two dequantizations a step (and their kernel launches,
-       on which a small batch waits), for 4x its weights' bytes. Activations come first: a layer's off mode
-       saves ~10x more time per byte (8B shape at 2 x 2048: 4 ms for 0.41 GiB against 0.4 ms for 0.41 GiB).
 `apply_plan` puts a plan into a model.
 When not even every layer offloaded fits (in the GPU budget, or its offloaded inputs in host memory), what is
 left at long context is one layer's [tokens, intermediate]

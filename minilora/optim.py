@@ -29,9 +29,9 @@ blocks):
 and the step walks them in chunks of `chunk_size` elements (2^22): gather the chunk's grads and params into fp32
 buffers (`torch._foreach_copy_`), dequantize, do the math, requantize and write the params back: 35 kernels a
 chunk, 350 a step for 42M elements. On CUDA an 8-bit pack takes one launch instead (kernels/adamw8bit.py, which
-reads the params and grads in place): the 350 launches kept the GPU idle for ~13 ms of an 8B step. The
-per-tensor state entries are views into the flat buffers, so `state_dict` sees bnb's layout (and `torch.save`
-writes each buffer once).
+reads the params and grads in place): the 350 launches spread ~5 ms of kernels over ~18 ms. The per-tensor
+state entries are views into the flat buffers, so `state_dict` sees bnb's layout (and `torch.save` writes each
+buffer once).
 
 Where this differs from bitsandbytes 0.50 (all at the level of fp32 rounding):
 - Rounding to the nearest level compares against fp32 midpoints of the map, as bnb's CUDA kernel does
