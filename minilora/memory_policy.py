@@ -401,9 +401,7 @@ def auto_checkpointing(model, batch: int, seq: int, budget: int | None = None, r
         mlp_chunks = [None] + ([MLP_CHUNK_TOKENS] if batch * seq > MLP_CHUNK_TOKENS else [])
     if not mlp_chunks:
         raise ValueError("auto_checkpointing: mlp_chunks is empty; pass None for the default [None, MLP_CHUNK_TOKENS]")
-    for m in model.modules():  # plans from the NF4 weights alone: copies kept by an earlier plan go
-        if isinstance(m, LoRALinear):
-            m.keep_dense(False)
+    keep_dense_layers(model, 0)  # plan from the NF4 weights alone: copies kept by an earlier plan go
     dense = [sum(m.nf4.shape.numel() * m.nf4.dtype.itemsize for m in layer.modules()
                  if isinstance(m, LoRALinear) and m.nf4 is not None) for layer in model.model.layers]
     error = None
@@ -439,7 +437,12 @@ def apply_plan(model, plan: Plan) -> None:
     """Checkpointing modes and MLP chunks as planned (`set_checkpointing`), and the dequantized weights of
     layers 0..plan.dense_layers-1 kept (every other layer's dropped)."""
     set_checkpointing(model, plan.modes, plan.mlp_chunk)
+    keep_dense_layers(model, plan.dense_layers)
+
+
+def keep_dense_layers(model, n: int) -> None:
+    """Decoder layers 0..n-1 keep their NF4 weights dequantized (`LoRALinear.keep_dense`), the others not."""
     for i, layer in enumerate(model.model.layers):
         for m in layer.modules():
             if isinstance(m, LoRALinear):
-                m.keep_dense(i < plan.dense_layers)
+                m.keep_dense(i < n)
