@@ -5,7 +5,8 @@ bnb's semantics); `AdamW8bit._step_range` dispatches between the two. Why a kern
 tensors (8B shape) take ~350 torch launches a step even when stepped through flat buffers, and at a few
 microseconds of CPU each the GPU idles through the step (H100, issue 6: the step spanned 18 ms of a 283 ms
 training step for ~5 ms of kernel time). Here the whole step is one launch of ~1 ms; the 8B training step at
-2 x 2048 ran 14,874 and 14,740 tok/s against 14,525 with the torch step (same device call).
+2 x 2048 ran 14,874 and 14,740 tok/s against 14,525 with the torch step (same device call; a third run with
+the kernel, the call's first, gave 13,507).
 
 Layout: the optimizer keeps each tensor's 8-bit state in flat buffers, each tensor's segment padded to whole
 blocks of 256 (`_Pack`). A program takes one such block b: the tensor it belongs to and the block's first

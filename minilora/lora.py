@@ -258,7 +258,7 @@ class LoRALinear(nn.Module):
         """Keep W₀ dequantized (compute dtype) beside its NF4 bytes, or drop that copy. Forward and backward then
         use it instead of dequantizing into a temporary, twice a step: the same values, 4x the weight's memory.
         Llama 3.1 8B at 2 x 2048 on an H100 (issue 6): 15,366-15,661 tok/s with every layer's copy (32.7 GiB
-        peak), 14,603-14,874 without (19.7 GiB), in other calls of one session. minilora/memory_policy.py turns
+        peak), 14,603-14,874 without (19.7 GiB; one run 13,507), in other calls of one session. minilora/memory_policy.py turns
         it on for as many layers as the memory budget has room for once activations are planned."""
         self.dense = dequantize_nf4(self.nf4) if keep and self.nf4 is not None else None
 
