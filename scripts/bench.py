@@ -223,7 +223,7 @@ def print_profile(model, opt, batch, config, chunk, device, rows: int = 25):
         return
     kinds = dict.fromkeys([k for k, _ in KERNEL_KINDS], 0.0)
     for e in events:
-        if e.device_type != torch.autograd.DeviceType.CUDA:  # kernels only: CPU-side ops would count twice
+        if not _is_kernel(e):  # CPU-side ops and annotation spans would count kernel time twice
             continue
         kind = next(k for k, pat in KERNEL_KINDS if re.search(pat, e.key, re.IGNORECASE))
         us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
@@ -235,13 +235,19 @@ def print_profile(model, opt, batch, config, chunk, device, rows: int = 25):
     print_idle(prof)
 
 
+def _is_kernel(e) -> bool:
+    """A device-side event that is a kernel or copy, not a record_function span the profiler also puts on the
+    GPU timeline (Optimizer.step#..., ProfilerStep#...), which would count the kernels inside it again."""
+    name = getattr(e, "key", None) or e.name
+    return (e.device_type == torch.autograd.DeviceType.CUDA and "annotation" not in name.lower()
+            and not name.startswith(("Optimizer.", "ProfilerStep")))
+
+
 def print_idle(prof, top: int = 8):
     """Where the GPU waited for the CPU during the profiled step: gaps between one kernel's end and the next
     one's start (any stream), their total, and the longest with the kernels either side. The profiler slows
     the CPU side, so these overstate the idle time of an unprofiled step; where they sit is the point."""
-    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
-                   if e.device_type == torch.autograd.DeviceType.CUDA and "annotation" not in e.name.lower()
-                   and not e.name.startswith(("Optimizer.", "ProfilerStep")))
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events() if _is_kernel(e))
     if not spans:
         return
     gaps, end, prev = [], spans[0][1], spans[0][2]
