@@ -166,6 +166,16 @@ part12 m_8b_budget40   25 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 
 part12 p_8b_make       35 300 peer_make 8b
 part12 u_8b_bs2        60 300 peer_run 8b --framework unsloth --bs 2 --seq 2048
 part12 u_8b_bs2_gcoff  55 300 peer_run 8b --framework unsloth --bs 2 --seq 2048 --gc off
+part13 probe_8b_bs2   40 200 python3 .peers/probe.py --preset llama-3.1-8b --cprofile
+part13 m_8b_bs2        15 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
+part13 m_8b_bs2_old    15 240 MINILORA_AB_OLD=1 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
+part13 m_8b_bs2_2      15 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
+part13 m_8b_bs2_old2   15 240 MINILORA_AB_OLD=1 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
+part13 m_8b_budget7    15 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 7 $W
+part13 m_8b_budget7_old 15 240 MINILORA_AB_OLD=1 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 7 $W
+part13 probe_8b_7gb    40 200 python3 .peers/probe.py --preset llama-3.1-8b --max_memory_gb 7
+part13 h_1b_bs2        60 300 peer_run 1b --framework hf --bs 2 --seq 2048
+part13 h_8b_bs2       120 360 peer_run 8b --framework hf --bs 2 --seq 2048
 part4 h_8b_bs2        120 360 peer_run 8b --framework hf --bs 2 --seq 2048
 part4 h_1b_bs2         60 300 peer_run 1b --framework hf --bs 2 --seq 2048
 part4 m_qwen7b_bs2     40 240 $B --preset qwen2.5-7b --batch_size 2 --seq_len 2048 --gc auto $W
@@ -316,7 +326,7 @@ case "$PART" in
         [ $# -gt 0 ] || { echo "run NAME..."; exit 2; }
         for n in "$@"; do jobs | awk -v n="$n" '$2 == n {f = 1} END {exit !f}' || { echo "no job $n (see: list)"; exit 2; }; done
         WANT=" $* " ;;
-    part0 | part1 | part2 | part3 | part4 | part5 | part6 | part7 | part8 | part9 | part10 | part11 | part12) WANT="" ;;
+    part0 | part1 | part2 | part3 | part4 | part5 | part6 | part7 | part8 | part9 | part10 | part11 | part12 | part13) WANT="" ;;
     *) echo "unknown part $PART; see: bash $0"; exit 2 ;;
 esac
 LOG=$OUT/$PART
