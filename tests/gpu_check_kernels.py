@@ -99,6 +99,7 @@ def main():
             compare(f"cross_entropy loss only, cap {cap} {dtype}", [loss_only.view(1)], [loss_ref.view(1)],
                     torch.float32)
     check_adamw8bit(dev)
+    check_loss_cpu_labels(dev)
     print("FAILED: " + ", ".join(FAILED) if FAILED else "all kernels within tolerance")
     sys.exit(1 if FAILED else 0)
 
@@ -134,6 +135,29 @@ def check_adamw8bit(dev):
               f"codes differing {off} of {n}, by at most {far}")
         if not ok:
             FAILED.append(f"adamw8bit step {step}")
+
+
+def check_loss_cpu_labels(dev):
+    """chunked_cross_entropy with the labels left on the CPU: the same loss and hidden gradient as with them on the
+    GPU, and no GPU sync on the way (sync debug mode "error" raises at the first one)."""
+    from minilora.loss import chunked_cross_entropy
+    g = torch.Generator(dev).manual_seed(6)
+    h = torch.randn(2, 1024, 4096, generator=g, device=dev).to(torch.bfloat16)
+    w = torch.randn(128256, 4096, generator=g, device=dev).mul_(0.02).to(torch.bfloat16)
+    labels = torch.randint(0, 128256, (2, 1024))
+    labels[:, :300] = -100  # a masked prompt
+    ref = outputs_and_grads(lambda h: chunked_cross_entropy(h, w, labels.to(dev)).view(1), [h])
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ours = outputs_and_grads(lambda h: chunked_cross_entropy(h, w, labels).view(1), [h])
+    except RuntimeError as e:
+        print(f"BAD loss with CPU labels synced: {e}")
+        FAILED.append("loss with CPU labels: sync")
+        return
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    compare("chunked_cross_entropy, labels on the CPU", ours, ref, torch.float32)
 
 
 if __name__ == "__main__":
