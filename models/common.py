@@ -16,6 +16,7 @@ from minilora.checkpointing import checkpoint_chunks
 from minilora.config import ModelConfig, rope_inv_freq
 from minilora.kernels.gated_act import gated_act
 from minilora.kernels.rmsnorm import rmsnorm
+from minilora.lora import project
 
 
 class RMSNorm(nn.Module):
@@ -107,7 +108,7 @@ class GatedMLP(nn.Module):
         return self._forward(x)
 
     def _forward(self, x):
-        g, u = self.gate_proj(x), self.up_proj(x)  # [B, T, I] each
+        g, u = project(x, self.gate_proj, self.up_proj)  # [B, T, I] each (minilora/lora.py: one Function with LoRA)
         # A LoRALinear down_proj (minilora/lora.py) takes g and u itself: on CUDA it fuses the activation into
         # its autograd Function and recomputes act(g) * u in backward instead of keeping it.
         if hasattr(self.down_proj, "forward_gated"):

@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from minilora.config import ModelConfig
 from minilora.kernels.rope import rope
+from minilora.lora import project
 from minilora.models.common import AttentionInputs, GatedMLP, KVCache, RMSNorm, attention
 
 
@@ -35,9 +36,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, inputs: AttentionInputs, cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x.shape
         d = self.config.head_dim
-        q = self.q_proj(x).view(B, T, -1, d)  # [B, T, H, D]
-        k = self.k_proj(x).view(B, T, -1, d)  # [B, T, K, D]
-        v = self.v_proj(x).view(B, T, -1, d).transpose(1, 2)  # [B, K, T, D]
+        # minilora/lora.py: with LoRA on all three, one autograd Function that reads x once for their A products
+        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
+        q, k = q.view(B, T, -1, d), k.view(B, T, -1, d)  # [B, T, H, D], [B, T, K, D]
+        v = v.view(B, T, -1, d).transpose(1, 2)  # [B, K, T, D]
         if self.config.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = inputs.cos_sin[self.layer_type]

@@ -176,6 +176,17 @@ part13 m_8b_budget7_old 15 240 MINILORA_AB_OLD=1 $B --preset llama-3.1-8b --batc
 part13 probe_8b_7gb    40 200 python3 .peers/probe.py --preset llama-3.1-8b --max_memory_gb 7
 part13 h_1b_bs2        60 300 peer_run 1b --framework hf --bs 2 --seq 2048
 part13 h_8b_bs2       120 360 peer_run 8b --framework hf --bs 2 --seq 2048
+part14 kcheck          25  90 python3 tests/gpu_check_kernels.py
+part14 probe_8b_bs2    40 200 python3 .peers/probe.py --preset llama-3.1-8b
+part14 m_8b_bs2        15 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
+part14 m_8b_bs2_nojoin 15 240 MINILORA_LORA_JOIN=0 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
+part14 m_8b_bs2_2      15 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
+part14 m_8b_bs2_nojoin2 15 240 MINILORA_LORA_JOIN=0 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
+part14 m_8b_budget7    15 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 7 $W
+part14 m_8b_budget7_nojoin 15 240 MINILORA_LORA_JOIN=0 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 7 $W
+part14 m_1b_bs8        15 180 $B --preset llama-3.2-1b --batch_size 8 --seq_len 2048 --gc auto $W
+part14 m_1b_bs8_nojoin 15 180 MINILORA_LORA_JOIN=0 $B --preset llama-3.2-1b --batch_size 8 --seq_len 2048 --gc auto $W
+part14 m_8b_32k_14gb   50 300 $B --preset llama-3.1-8b --batch_size 1 --seq_len 32768 --gc auto --max_memory_gb 14 $W
 part4 h_8b_bs2        120 360 peer_run 8b --framework hf --bs 2 --seq 2048
 part4 h_1b_bs2         60 300 peer_run 1b --framework hf --bs 2 --seq 2048
 part4 m_qwen7b_bs2     40 240 $B --preset qwen2.5-7b --batch_size 2 --seq_len 2048 --gc auto $W
@@ -326,7 +337,7 @@ case "$PART" in
         [ $# -gt 0 ] || { echo "run NAME..."; exit 2; }
         for n in "$@"; do jobs | awk -v n="$n" '$2 == n {f = 1} END {exit !f}' || { echo "no job $n (see: list)"; exit 2; }; done
         WANT=" $* " ;;
-    part0 | part1 | part2 | part3 | part4 | part5 | part6 | part7 | part8 | part9 | part10 | part11 | part12 | part13) WANT="" ;;
+    part0 | part1 | part2 | part3 | part4 | part5 | part6 | part7 | part8 | part9 | part10 | part11 | part12 | part13 | part14) WANT="" ;;
     *) echo "unknown part $PART; see: bash $0"; exit 2 ;;
 esac
 LOG=$OUT/$PART

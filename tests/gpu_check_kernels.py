@@ -98,6 +98,7 @@ def main():
                     [loss_ref.view(1), z_ref], torch.float32 if dtype == torch.float32 else dtype)
             compare(f"cross_entropy loss only, cap {cap} {dtype}", [loss_only.view(1)], [loss_ref.view(1)],
                     torch.float32)
+    check_project(dev)
     check_adamw8bit(dev)
     check_loss_cpu_labels(dev)
     print("FAILED: " + ", ".join(FAILED) if FAILED else "all kernels within tolerance")
@@ -135,6 +136,32 @@ def check_adamw8bit(dev):
               f"codes differing {off} of {n}, by at most {far}")
         if not ok:
             FAILED.append(f"adamw8bit step {step}")
+
+
+def check_project(dev):
+    """The 8B shape's q/k/v in NF4 with LoRA r=16 run as one SharedInputLoRAFunction (minilora.lora.project)
+    against the three layers one by one (MINILORA_LORA_JOIN=0): outputs, dX, and every dA and dB."""
+    from minilora.lora import project
+    g = torch.Generator(dev).manual_seed(7)
+    layers = []
+    for out in (4096, 1024, 1024):
+        m = LoRALinear(4096, out, False, r=16, lora_alpha=16, device=dev)
+        m.set_base_weight(torch.randn(out, 4096, generator=g, device=dev).mul_(0.02).to(torch.bfloat16), True)
+        torch.nn.init.normal_(m.lora_B.weight, std=0.02)
+        layers.append(m)
+    x = torch.randn(4096, 4096, generator=g, device=dev).to(torch.bfloat16)
+    dy = torch.randn(4096, 6144, generator=g, device=dev).to(torch.bfloat16)
+    results = {}
+    for join in ("1", "0"):
+        os.environ["MINILORA_LORA_JOIN"] = join
+        for m in layers:
+            m.lora_A.weight.grad = m.lora_B.weight.grad = None
+        xx = x.clone().requires_grad_()
+        y = torch.cat(project(xx, *layers), -1)
+        y.backward(dy)
+        results[join] = [y.detach(), xx.grad] + [p.grad for m in layers for p in (m.lora_A.weight, m.lora_B.weight)]
+    os.environ.pop("MINILORA_LORA_JOIN")
+    compare("q/k/v joined vs one by one [4096, 4096] nf4", results["1"], results["0"], torch.bfloat16)
 
 
 def check_loss_cpu_labels(dev):

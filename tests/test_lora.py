@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from conftest import report
 from tiny_models import FAMILIES, save_tiny
 
-from minilora.lora import (DEFAULT_TARGETS, LoRALinear, inject_lora, lora_parameters, lora_state_dict,
+from minilora.lora import (DEFAULT_TARGETS, LoRALinear, inject_lora, lora_parameters, lora_state_dict, project,
                            replace_linears_for_4bit)
 from minilora.nf4 import dequantize_nf4
 
@@ -98,6 +98,95 @@ def test_forward_backward_match_plain_autograd(dropout, quantize, fold, monkeypa
     check(f"{tag} dB", m.lora_B.weight.grad, b.grad, 1e-5)
     assert m.weight is None if quantize else m.weight.grad is None
     assert m.bias.grad is None  # frozen
+
+
+def qkv_layers(quantize=False, dense=False, bias=True, dtype=torch.float32):
+    """Three LoRALinear reading one input, as q/k/v: outputs 48, 16, 16; ranks 4, 4, 2 at one scale (alpha / r = 2)."""
+    layers = []
+    for i, (out, r) in enumerate([(48, 4), (16, 4), (16, 2)]):
+        m = LoRALinear(64, out, bias, r=r, lora_alpha=2 * r, dtype=dtype)
+        m.set_base_weight(randn(out, 64, seed=10 + i, dtype=dtype, scale=0.1), quantize=quantize)
+        with torch.no_grad():
+            if bias:
+                m.bias.copy_(randn(out, seed=20 + i, dtype=dtype))
+            m.lora_A.weight.copy_(randn(r, 64, seed=30 + i, scale=0.2))
+            m.lora_B.weight.copy_(randn(out, r, seed=40 + i, scale=0.2))
+        if dense:
+            m.keep_dense()
+        layers.append(m)
+    return layers
+
+
+def joined(y: torch.Tensor) -> bool:
+    """Whether y came out of a SharedInputLoRAFunction (through the views that reshape its output)."""
+    fn = y.grad_fn
+    while fn is not None and fn.name().startswith(("View", "Reshape", "Unsafe")):
+        fn = fn.next_functions[0][0]
+    return fn is not None and fn.name().startswith("SharedInputLoRAFunction")
+
+
+@pytest.mark.parametrize("fold", ["0", "1"])
+@pytest.mark.parametrize("base", ["dense", "nf4", "nf4 kept dense"])
+def test_project_matches_plain_autograd(base, fold, monkeypatch):
+    """project(x, q, k, v): one SharedInputLoRAFunction, against each layer's formula composed in plain autograd."""
+    monkeypatch.setenv("MINILORA_LORA_FOLD", fold)
+    layers = qkv_layers(quantize=base != "dense", dense=base == "nf4 kept dense")
+    x = randn(2, 5, 64, seed=6).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    ys = project(x, *layers)
+    assert all(joined(y) for y in ys)  # not the one-by-one path
+    refs, leaves = [], []
+    for m in layers:
+        a, b = [t.detach().clone().requires_grad_() for t in (m.lora_A.weight, m.lora_B.weight)]
+        refs.append(reference(m, x_ref, m.dense_weight(torch.float32), a, b, m.bias))
+        leaves.append((a, b))
+    dys = [randn(*y.shape, seed=50 + i) for i, y in enumerate(ys)]
+    sum((y * dy).sum() for y, dy in zip(ys, dys)).backward()
+    sum((y * dy).sum() for y, dy in zip(refs, dys)).backward()
+    for i, (m, y, y_ref, (a, b)) in enumerate(zip(layers, ys, refs, leaves)):
+        check(f"{base} y{i}", y, y_ref, 1e-5)
+        check(f"{base} dA{i}", m.lora_A.weight.grad, a.grad, 1e-5)
+        check(f"{base} dB{i}", m.lora_B.weight.grad, b.grad, 1e-5)
+        assert m.lora_A.weight.grad.is_contiguous() and m.lora_A.weight.grad.dtype == torch.float32
+    check(f"{base} dX", x.grad, x_ref.grad, 1e-5)
+
+
+class Joined(torch.nn.Module):
+    def __init__(self, layers):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(layers)
+
+    def forward(self, x):
+        return project(x, *self.layers)
+
+
+def test_project_gradcheck():
+    group = Joined(qkv_layers(dtype=torch.float64))
+    names = [f"layers.{i}.lora_{ab}.weight" for i in range(3) for ab in "AB"]
+    leaves = [group.get_parameter(n).detach().double().requires_grad_() for n in names]
+    x = randn(3, 64, seed=5, dtype=torch.float64).requires_grad_()
+
+    def f(x, *lora):
+        return torch.func.functional_call(group, dict(zip(names, lora)), (x,))
+
+    assert torch.autograd.gradcheck(f, (x, *leaves))
+
+
+def test_project_runs_one_by_one_when_it_must():
+    """Dropout in training (a mask per layer), two scales, plain nn.Linear: each layer on its own, same results."""
+    q, k, _ = qkv_layers()
+    dropped = LoRALinear(64, 16, False, r=4, lora_alpha=8, lora_dropout=0.1).train()
+    other_scale = LoRALinear(64, 16, False, r=4, lora_alpha=16)
+    for m in (dropped, other_scale):
+        m.set_base_weight(randn(16, 64, seed=9), quantize=False)
+    x = randn(2, 64, seed=6).requires_grad_()
+    for mods in ([q, dropped], [q, other_scale], [torch.nn.Linear(64, 8), torch.nn.Linear(64, 8)]):
+        torch.manual_seed(0)
+        ys = project(x, *mods)
+        torch.manual_seed(0)
+        assert not any(joined(y) for y in ys)
+        for y, m in zip(ys, mods):
+            assert torch.equal(y, m(x))
 
 
 @pytest.mark.parametrize("r", [0, 4])
@@ -294,6 +383,22 @@ def test_everything_else_is_frozen(tiny):
     assert trainable == list(lora_state_dict(tiny)) and len(trainable) == 2 * 7 * layers
     assert all(".lora_A.weight" in n or ".lora_B.weight" in n for n in trainable)
     assert all(p.dtype == torch.float32 for p in lora_parameters(tiny))
+
+
+def test_model_joins_qkv_and_gate_up(tiny):
+    """With LoRA on all seven projections, every layer runs q/k/v and gate/up each as one SharedInputLoRAFunction
+    (the speed path of issue 6 is the one a model takes, not only the one its unit test calls)."""
+    inject_lora(tiny, r=2)
+    loss = tiny(torch.randint(0, VOCAB, (2, 7))).float().square().mean()
+    seen, stack, names = set(), [loss.grad_fn], []
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.append(fn.name())
+        stack.extend(f for f, _ in fn.next_functions)
+    assert sum(n.startswith("SharedInputLoRAFunction") for n in names) == 2 * tiny.config.num_hidden_layers
 
 
 def test_all_linear_and_full_names(tmp_path):
