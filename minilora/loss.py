@@ -42,7 +42,7 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     """Sum over labelled positions of CE(softcap(hidden @ weight^T), labels), an fp32 scalar.
 
     hidden [N, H] or [B, T, H], already aligned with labels [N] or [B, T] (labels[i] is the token that
-    hidden[i] must predict), which may stay on the CPU (no GPU sync then; see below). weight [V, H] is the LM head, frozen or trainable. chunk_size: rows per chunk,
+    hidden[i] must predict). weight [V, H] is the LM head, frozen or trainable. chunk_size: rows per chunk,
     default sized so one chunk's fp32 logits take about CHUNK_BYTES."""
     H = hidden.shape[-1]
     if weight.dim() != 2 or weight.shape[1] != H:
@@ -56,21 +56,14 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                          "cast one so the logits matmul runs in one dtype")
     hidden, labels = hidden.reshape(-1, H), labels.reshape(-1)  # [N, H], [N]
 
-    # Keep only the positions that have a label; index_select's backward scatters grads back to [N, H]. Which
-    # rows those are (and the range check) is decided where the labels are: on the CPU, as a data loader gives
-    # them, neither waits for the GPU, so the CPU goes on queueing the backward while the forward still runs.
-    # Labels on the GPU work too, at the cost of that wait (issue 6's profile: the GPU then idles while the
-    # CPU catches up).
+    # Keep only the positions that have a label; index_select's backward scatters grads back to [N, H].
     keep = (labels != ignore_index).nonzero().squeeze(1)  # [n]
-    y = labels.index_select(0, keep)  # [n]
+    h, y = hidden.index_select(0, keep), labels.index_select(0, keep)  # [n, H], [n]
     V = weight.shape[0]
     if y.numel() and bool(((y < 0) | (y >= V)).any()):
         bad = y[(y < 0) | (y >= V)][0].item()
         raise ValueError(f"chunked_cross_entropy: label {bad} is outside the vocabulary [0, {V}) "
                          f"(and is not ignore_index={ignore_index})")
-    if keep.device != hidden.device:
-        keep, y = to_device(keep, hidden.device), to_device(y, hidden.device)
-    h = hidden.index_select(0, keep)  # [n, H]
     if chunk_size is None:
         chunk_size = default_chunk_size(h.shape[0], V, h.device)
     if chunk_size < 1:
@@ -116,16 +109,6 @@ def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         except (TypeError, RuntimeError):  # older torch: no out_dtype
             pass
     acc += (a @ b).float()
-
-
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A CPU tensor (a batch, the labelled rows) on `device`. To CUDA through pinned memory with non_blocking: a
-    copy from pageable memory synchronises the stream (the CPU waits for every queued kernel); this one is queued
-    behind them. The pinned buffer is not reused before the copy has run (torch's host allocator records the
-    stream)."""
-    if device.type == "cuda" and t.device.type == "cpu":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 class _FusedLinearCE(torch.autograd.Function):

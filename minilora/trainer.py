@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from minilora.adapter import load_adapter_weights, save_adapter
 from minilora.atomic import save_atomic
-from minilora.loss import chunked_cross_entropy, to_device
+from minilora.loss import chunked_cross_entropy
 from minilora.optim import OPTIMIZERS, AdamW8bit
 
 SCHEDULERS = ("linear", "cosine", "constant")
@@ -109,13 +109,21 @@ def lr_lambda(args: TrainArgs, total_steps: int) -> Callable[[int], float]:
     return f
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU batch tensor on `device`. To CUDA through pinned memory with non_blocking: a copy from pageable memory
+    synchronises the stream (the CPU waits for every queued kernel); this one is queued behind them. The pinned
+    buffer is not reused before the copy has run (torch's host allocator records the stream)."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def batch_loss_sum(model, batch: dict, chunk_size: int | None = None) -> torch.Tensor:
     """Sum of per-token CE over the batch's labelled positions (fp32). Logits exist only there, chunk by chunk."""
     device = model.lm_head.weight.device
     hidden = model.hidden_states(to_device(batch["input_ids"], device),
                                  to_device(batch["position_ids"], device) if "position_ids" in batch else None)
-    # labels stay on the CPU: the loss picks the labelled rows there, without waiting for the GPU (minilora/loss.py)
-    return chunked_cross_entropy(hidden, model.lm_head.weight, batch["labels"],
+    return chunked_cross_entropy(hidden, model.lm_head.weight, to_device(batch["labels"], device),
                                  softcap=model.config.final_logit_softcapping, chunk_size=chunk_size)
 
 

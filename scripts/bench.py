@@ -206,7 +206,7 @@ def print_profile(model, opt, batch, config, chunk, device, rows: int = 25):
     """The kernels of one step, by total self time on the device (torch.profiler), then the same time summed
     by kind (KERNEL_KINDS)."""
     from torch.profiler import ProfilerActivity, profile
-    ids, labels = batch[0].to(device), batch[1]
+    ids, labels = batch[0].to(device), batch[1].to(device)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts) as prof:
         train_step(model, opt, ids, labels, config, chunk)
@@ -300,7 +300,7 @@ def run(args) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     times, losses = [], []
     for ids, labels in data:
-        ids = ids.to(device)  # labels stay on the CPU, as the trainer's do: the loss reads them there, no sync
+        ids, labels = ids.to(device), labels.to(device)
         sync(device)
         t = time.perf_counter()
         loss = train_step(model, opt, ids, labels, config, chunk)
