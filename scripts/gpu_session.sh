@@ -26,6 +26,11 @@
 #                                       # 32k at 14 GB
 #   bash scripts/gpu_session.sh part12  # the 8B budget curve (7/10/14/20/40 GB and the default) with dequantized weights
 #                                       # kept where the budget has room; Unsloth's two 8B modes beside it
+#   bash scripts/gpu_session.sh part14  # q/k/v and gate/up joined (minilora.lora.project) against one by one
+#                                       # (MINILORA_LORA_JOIN=0): 8B, 8B at 7 GB, 1B bs 8; 32k at 14 GB; kernel checks
+#   bash scripts/gpu_session.sh part15  # issue 6's whole table in one call, HF+PEFT rows included: every minilora row,
+#                                       # then Unsloth's and HF's. The peers' checkpoints are made in the background
+#                                       # during the (GPU-bound) 32k row, to fit 10 minutes: DEADLINE_S=585
 #   bash scripts/gpu_session.sh part0   # CPU self-test of this script (tiny model, no peers), any machine
 #   bash scripts/gpu_session.sh run NAME...   # only these jobs (e.g. the ones a part skipped for time)
 #   bash scripts/gpu_session.sh list          # every job, its part, expected seconds and command
@@ -166,18 +171,7 @@ part12 m_8b_budget40   25 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 
 part12 p_8b_make       35 300 peer_make 8b
 part12 u_8b_bs2        60 300 peer_run 8b --framework unsloth --bs 2 --seq 2048
 part12 u_8b_bs2_gcoff  55 300 peer_run 8b --framework unsloth --bs 2 --seq 2048 --gc off
-part13 probe_8b_bs2   40 200 python3 .peers/probe.py --preset llama-3.1-8b --cprofile
-part13 m_8b_bs2        15 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
-part13 m_8b_bs2_old    15 240 MINILORA_AB_OLD=1 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
-part13 m_8b_bs2_2      15 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
-part13 m_8b_bs2_old2   15 240 MINILORA_AB_OLD=1 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
-part13 m_8b_budget7    15 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 7 $W
-part13 m_8b_budget7_old 15 240 MINILORA_AB_OLD=1 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 7 $W
-part13 probe_8b_7gb    40 200 python3 .peers/probe.py --preset llama-3.1-8b --max_memory_gb 7
-part13 h_1b_bs2        60 300 peer_run 1b --framework hf --bs 2 --seq 2048
-part13 h_8b_bs2       120 360 peer_run 8b --framework hf --bs 2 --seq 2048
 part14 kcheck          25  90 python3 tests/gpu_check_kernels.py
-part14 probe_8b_bs2    40 200 python3 .peers/probe.py --preset llama-3.1-8b
 part14 m_8b_bs2        15 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
 part14 m_8b_bs2_nojoin 15 240 MINILORA_LORA_JOIN=0 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
 part14 m_8b_bs2_2      15 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
@@ -187,6 +181,21 @@ part14 m_8b_budget7_nojoin 15 240 MINILORA_LORA_JOIN=0 $B --preset llama-3.1-8b 
 part14 m_1b_bs8        15 180 $B --preset llama-3.2-1b --batch_size 8 --seq_len 2048 --gc auto $W
 part14 m_1b_bs8_nojoin 15 180 MINILORA_LORA_JOIN=0 $B --preset llama-3.2-1b --batch_size 8 --seq_len 2048 --gc auto $W
 part14 m_8b_32k_14gb   50 300 $B --preset llama-3.1-8b --batch_size 1 --seq_len 32768 --gc auto --max_memory_gb 14 $W
+part15 p_make_bg         1  10 peer_make_bg
+part15 m_8b_32k_14gb    62 300 $B --preset llama-3.1-8b --batch_size 1 --seq_len 32768 --gc auto --max_memory_gb 14 $W
+part15 p_make_wait      30 120 peer_make_wait
+part15 m_1b_bs2         17 180 $B --preset llama-3.2-1b --batch_size 2 --seq_len 2048 --gc auto $W
+part15 m_1b_bs8         20 180 $B --preset llama-3.2-1b --batch_size 8 --seq_len 2048 --gc auto $W
+part15 m_8b_bs2         18 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
+part15 m_8b_budget7     20 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 7 $W
+part15 u_8b_bs2         55 300 peer_run 8b --framework unsloth --bs 2 --seq 2048
+part15 u_8b_bs2_gcoff   50 300 peer_run 8b --framework unsloth --bs 2 --seq 2048 --gc off
+part15 u_8b_32k        100 360 peer_run 8b --framework unsloth --bs 1 --seq 32768
+part15 h_8b_bs2         35 300 peer_run 8b --framework hf --bs 2 --seq 2048
+part15 u_1b_bs2         45 300 peer_run 1b --framework unsloth --bs 2 --seq 2048
+part15 u_1b_bs2_gcoff   40 300 peer_run 1b --framework unsloth --bs 2 --seq 2048 --gc off
+part15 u_1b_bs8         45 300 peer_run 1b --framework unsloth --bs 8 --seq 2048
+part15 h_1b_bs2         20 240 peer_run 1b --framework hf --bs 2 --seq 2048
 part4 h_8b_bs2        120 360 peer_run 8b --framework hf --bs 2 --seq 2048
 part4 h_1b_bs2         60 300 peer_run 1b --framework hf --bs 2 --seq 2048
 part4 m_qwen7b_bs2     40 240 $B --preset qwen2.5-7b --batch_size 2 --seq_len 2048 --gc auto $W
@@ -208,6 +217,18 @@ peer_run() {  # peer_run SIZE ARGS...: peers_gpu.py run on /tmp/peers_SIZE (made
     peer_make "$size" >/dev/null || return 1
     python3 .peers/peers_gpu.py run --model "/tmp/peers_$size" $W "$@"
 }
+peer_make_bg() {  # both peer checkpoints made in the background (disk and CPU work), while a GPU-bound job runs
+    nohup bash -c 'peer_make 8b && peer_make 1b' > /tmp/peer_make_bg.log 2>&1 &
+    echo "making /tmp/peers_8b and /tmp/peers_1b in the background (pid $!)"
+}
+peer_make_wait() {  # until peer_make_bg has made both
+    local i
+    for i in $(seq 110); do
+        [ -f /tmp/peers_8b/config.json ] && [ -f /tmp/peers_1b/config.json ] && { cat /tmp/peer_make_bg.log; return 0; }
+        sleep 1
+    done
+    cat /tmp/peer_make_bg.log; return 1
+}
 load_8b() {  # issue 3: peak GPU memory while loading the 8B shape in 4 bits, against its final footprint
     local dir=/tmp/minilora_8b
     [ -f "$dir/config.json" ] || python3 scripts/bench_load.py --make "$dir" --make_shape llama-3.1-8b || return 1
@@ -216,7 +237,7 @@ load_8b() {  # issue 3: peak GPU memory while loading the 8B shape in 4 bits, ag
     rm -rf "$dir"  # 16 GB of disk
     return $rc
 }
-export -f peer_make peer_run load_8b
+export -f peer_make peer_run peer_make_bg peer_make_wait load_8b
 
 setup() {  # peers' wheels on PYTHONPATH; minilora importable as minilora.kernels / minilora.models
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
@@ -337,7 +358,7 @@ case "$PART" in
         [ $# -gt 0 ] || { echo "run NAME..."; exit 2; }
         for n in "$@"; do jobs | awk -v n="$n" '$2 == n {f = 1} END {exit !f}' || { echo "no job $n (see: list)"; exit 2; }; done
         WANT=" $* " ;;
-    part0 | part1 | part2 | part3 | part4 | part5 | part6 | part7 | part8 | part9 | part10 | part11 | part12 | part13 | part14) WANT="" ;;
+    part0 | part1 | part2 | part3 | part4 | part5 | part6 | part7 | part8 | part9 | part10 | part11 | part12 | part14 | part15) WANT="" ;;
     *) echo "unknown part $PART; see: bash $0"; exit 2 ;;
 esac
 LOG=$OUT/$PART
