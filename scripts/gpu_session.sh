@@ -31,6 +31,8 @@
 #   bash scripts/gpu_session.sh part15  # issue 6's whole table in one call, HF+PEFT rows included: every minilora row,
 #                                       # then Unsloth's and HF's. The peers' checkpoints are made in the background
 #                                       # during the (GPU-bound) 32k row, to fit 10 minutes: DEADLINE_S=585
+#   bash scripts/gpu_session.sh part16  # what part15 had no time left for (Unsloth 1B bs 8, HF 1B) beside minilora's 1B
+#                                       # rows again; the 8B budget curve's 10/14/20 GB points
 #   bash scripts/gpu_session.sh part0   # CPU self-test of this script (tiny model, no peers), any machine
 #   bash scripts/gpu_session.sh run NAME...   # only these jobs (e.g. the ones a part skipped for time)
 #   bash scripts/gpu_session.sh list          # every job, its part, expected seconds and command
@@ -196,6 +198,14 @@ part15 u_1b_bs2         45 300 peer_run 1b --framework unsloth --bs 2 --seq 2048
 part15 u_1b_bs2_gcoff   40 300 peer_run 1b --framework unsloth --bs 2 --seq 2048 --gc off
 part15 u_1b_bs8         45 300 peer_run 1b --framework unsloth --bs 8 --seq 2048
 part15 h_1b_bs2         20 240 peer_run 1b --framework hf --bs 2 --seq 2048
+part16 p_1b_make        20 240 peer_make 1b
+part16 m_1b_bs2         17 180 $B --preset llama-3.2-1b --batch_size 2 --seq_len 2048 --gc auto $W
+part16 m_1b_bs8         15 180 $B --preset llama-3.2-1b --batch_size 8 --seq_len 2048 --gc auto $W
+part16 u_1b_bs8         60 300 peer_run 1b --framework unsloth --bs 8 --seq 2048
+part16 h_1b_bs2         20 240 peer_run 1b --framework hf --bs 2 --seq 2048
+part16 m_8b_budget10    18 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 10 $W
+part16 m_8b_budget14    18 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 14 $W
+part16 m_8b_budget20    18 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 20 $W
 part4 h_8b_bs2        120 360 peer_run 8b --framework hf --bs 2 --seq 2048
 part4 h_1b_bs2         60 300 peer_run 1b --framework hf --bs 2 --seq 2048
 part4 m_qwen7b_bs2     40 240 $B --preset qwen2.5-7b --batch_size 2 --seq_len 2048 --gc auto $W
@@ -358,7 +368,7 @@ case "$PART" in
         [ $# -gt 0 ] || { echo "run NAME..."; exit 2; }
         for n in "$@"; do jobs | awk -v n="$n" '$2 == n {f = 1} END {exit !f}' || { echo "no job $n (see: list)"; exit 2; }; done
         WANT=" $* " ;;
-    part0 | part1 | part2 | part3 | part4 | part5 | part6 | part7 | part8 | part9 | part10 | part11 | part12 | part14 | part15) WANT="" ;;
+    part0 | part1 | part2 | part3 | part4 | part5 | part6 | part7 | part8 | part9 | part10 | part11 | part12 | part14 | part15 | part16) WANT="" ;;
     *) echo "unknown part $PART; see: bash $0"; exit 2 ;;
 esac
 LOG=$OUT/$PART
