@@ -33,6 +33,7 @@
 #                                       # during the (GPU-bound) 32k row, to fit 10 minutes: DEADLINE_S=585
 #   bash scripts/gpu_session.sh part16  # what part15 had no time left for (Unsloth 1B bs 8, HF 1B) beside minilora's 1B
 #                                       # rows again; the 8B budget curve's 10/14/20 GB points
+#   bash scripts/gpu_session.sh part17  # profiles of the 8B step with q/k/v and gate/up joined: default budget, 7 GB
 #   bash scripts/gpu_session.sh part0   # CPU self-test of this script (tiny model, no peers), any machine
 #   bash scripts/gpu_session.sh run NAME...   # only these jobs (e.g. the ones a part skipped for time)
 #   bash scripts/gpu_session.sh list          # every job, its part, expected seconds and command
@@ -206,6 +207,8 @@ part16 h_1b_bs2         20 240 peer_run 1b --framework hf --bs 2 --seq 2048
 part16 m_8b_budget10    18 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 10 $W
 part16 m_8b_budget14    18 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 14 $W
 part16 m_8b_budget20    18 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 20 $W
+part17 m_8b_bs2_profile 30 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W --profile --profile_rows 16
+part17 m_8b_budget7_profile 30 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 7 $W --profile --profile_rows 8
 part4 h_8b_bs2        120 360 peer_run 8b --framework hf --bs 2 --seq 2048
 part4 h_1b_bs2         60 300 peer_run 1b --framework hf --bs 2 --seq 2048
 part4 m_qwen7b_bs2     40 240 $B --preset qwen2.5-7b --batch_size 2 --seq_len 2048 --gc auto $W
@@ -368,7 +371,7 @@ case "$PART" in
         [ $# -gt 0 ] || { echo "run NAME..."; exit 2; }
         for n in "$@"; do jobs | awk -v n="$n" '$2 == n {f = 1} END {exit !f}' || { echo "no job $n (see: list)"; exit 2; }; done
         WANT=" $* " ;;
-    part0 | part1 | part2 | part3 | part4 | part5 | part6 | part7 | part8 | part9 | part10 | part11 | part12 | part14 | part15 | part16) WANT="" ;;
+    part0 | part1 | part2 | part3 | part4 | part5 | part6 | part7 | part8 | part9 | part10 | part11 | part12 | part14 | part15 | part16 | part17) WANT="" ;;
     *) echo "unknown part $PART; see: bash $0"; exit 2 ;;
 esac
 LOG=$OUT/$PART
