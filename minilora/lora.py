@@ -232,7 +232,8 @@ class SharedInputLoRAFunction(torch.autograd.Function):
         x, xa, a, *bs = ctx.saved_tensors
         n, scale = len(bs), ctx.scale
         need_x, need_lora = ctx.needs_input_grad[0], ctx.needs_input_grad[4:]
-        dyb, r0 = x.new_empty(x.shape[0], xa.shape[1]), 0  # [N, R]
+        a = a.to(dys[0].dtype)  # a no-op unless the gradients' dtype differs from x's
+        dyb, r0 = dys[0].new_empty(x.shape[0], xa.shape[1]), 0  # [N, R]
         for dy, b in zip(dys, bs):
             torch.mm(dy, b.to(dy.dtype), out=dyb[:, r0:r0 + b.shape[1]])  # dY_i B_i into its column block
             r0 += b.shape[1]
