@@ -219,10 +219,9 @@ class SharedInputLoRAFunction(torch.autograd.Function):
         a = torch.cat(lora[:n]).to(x.dtype)  # [R, in]: the fp32 masters joined, then cast once
         bs = [B.to(x.dtype) for B in lora[n:]]
         xa = x @ a.t()  # [N, R]
-        ys, r0 = [], 0
-        for base, bias, b in zip(bases, biases, bs):
-            ys.append(_lora_out(x, xa[:, r0:r0 + b.shape[1]], base, bias, b, scale))
-            r0 += b.shape[1]
+        ranks = [b.shape[1] for b in bs]
+        ys = [_lora_out(x, xa_i, base, bias, b, scale)  # xa_i [N, r_i]: column blocks of xa
+              for xa_i, base, bias, b in zip(xa.split(ranks, 1), bases, biases, bs)]
         ctx.bases, ctx.scale, ctx.lora_dtype = bases, scale, lora[0].dtype
         ctx.save_for_backward(x, xa, a, *bs)
         return tuple(ys)
@@ -233,10 +232,10 @@ class SharedInputLoRAFunction(torch.autograd.Function):
         n, scale = len(bs), ctx.scale
         need_x, need_lora = ctx.needs_input_grad[0], ctx.needs_input_grad[4:]
         a = a.to(dys[0].dtype)  # a no-op unless the gradients' dtype differs from x's
-        dyb, r0 = dys[0].new_empty(x.shape[0], xa.shape[1]), 0  # [N, R]
-        for dy, b in zip(dys, bs):
-            torch.mm(dy, b.to(dy.dtype), out=dyb[:, r0:r0 + b.shape[1]])  # dY_i B_i into its column block
-            r0 += b.shape[1]
+        ranks = [b.shape[1] for b in bs]
+        dyb = dys[0].new_empty(x.shape[0], xa.shape[1])  # [N, R]
+        for dy, b, dyb_i in zip(dys, bs, dyb.split(ranks, 1)):
+            torch.mm(dy, b.to(dy.dtype), out=dyb_i)  # dY_i B_i into its column block [N, r_i]
         if scale != 1:
             dyb.mul_(scale)
         dx = None
@@ -249,12 +248,10 @@ class SharedInputLoRAFunction(torch.autograd.Function):
                 dx.addmm_(dyb, a)
         dA = dB = [None] * n
         if any(need_lora[:n]):
-            dA = _mm(dyb.t(), x, out_dtype=ctx.lora_dtype).split([b.shape[1] for b in bs])  # rows [r_i, in]
+            dA = _mm(dyb.t(), x, out_dtype=ctx.lora_dtype).split(ranks)  # row blocks [r_i, in]
         if any(need_lora[n:]):
-            dB, r0 = [], 0
-            for dy, b in zip(dys, bs):
-                dB.append(_mm(dy.t(), xa[:, r0:r0 + b.shape[1]], scale, ctx.lora_dtype))  # [out_i, r_i]
-                r0 += b.shape[1]
+            dB = [_mm(dy.t(), xa_i, scale, ctx.lora_dtype)  # [out_i, r_i]
+                  for dy, xa_i in zip(dys, xa.split(ranks, 1))]
         return dx, None, None, None, *dA, *dB
 
 
