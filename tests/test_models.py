@@ -152,3 +152,26 @@ def test_real_checkpoint_matches_transformers(name, real_hf_dir):
     mx, _ = report(f"{name} logits", ours, ref)
     assert mx <= 1e-4 * ref.abs().max().item(), f"{name}: max abs diff {mx:.3g}"
     assert torch.equal(ours.argmax(-1), ref.argmax(-1))
+
+
+def test_sdpa_priority_puts_the_named_backend_first_and_keeps_the_rest(monkeypatch):
+    from torch.nn.attention import SDPBackend
+
+    from minilora.models.common import SDPA_BACKENDS, attention, sdpa_priority
+    monkeypatch.delenv("MINILORA_SDPA", raising=False)
+    assert sdpa_priority() is None  # torch's own order
+    monkeypatch.setenv("MINILORA_SDPA", "flash")
+    order = sdpa_priority()
+    assert order[0] == SDPBackend.FLASH_ATTENTION and set(order) == set(SDPA_BACKENDS.values())
+    monkeypatch.setenv("MINILORA_SDPA", "cudnn")
+    assert sdpa_priority()[0] == SDPBackend.CUDNN_ATTENTION
+    # the CPU path ignores the choice: same causal GQA output as torch's own order
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, 8, 16, generator=g) for h in (4, 2, 2))
+    monkeypatch.delenv("MINILORA_SDPA")
+    ref = attention(q, k, v, None, 0.25)
+    monkeypatch.setenv("MINILORA_SDPA", "cudnn")
+    torch.testing.assert_close(attention(q, k, v, None, 0.25), ref, rtol=0, atol=0)
+    monkeypatch.setenv("MINILORA_SDPA", "fast")
+    with pytest.raises(ValueError, match="MINILORA_SDPA='fast'"):
+        sdpa_priority()
