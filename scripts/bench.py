@@ -321,6 +321,7 @@ def run(args) -> dict:
         mfu=flops / step / (args.peak_tflops * 1e12), tflops=flops / step / 1e12, flops_per_step=flops,
         modes=" ".join(f"{m}x{modes.count(m)}" for m in ("off", "recompute", "offload") if m in modes),
         ce_chunk=chunk, mlp_chunk=mlp_chunk, optim=args.optim, kernels=os.environ.get("MINILORA_TRITON", "1"),
+        sdpa=os.environ.get("MINILORA_SDPA", "torch"),
         device=torch.cuda.get_device_name(device) if cuda else "cpu", torch=torch.__version__,
     )
     return out
