@@ -34,6 +34,10 @@
 #   bash scripts/gpu_session.sh part16  # what part15 had no time left for (Unsloth 1B bs 8, HF 1B) beside minilora's 1B
 #                                       # rows again; the 8B budget curve's 10/14/20 GB points
 #   bash scripts/gpu_session.sh part17  # profiles of the 8B step with q/k/v and gate/up joined: default budget, 7 GB
+#   bash scripts/gpu_session.sh part18  # SDPA backends (scripts/bench_attention.py), then the 8B rows with torch's
+#                                       # pick, cuDNN first and flash first (MINILORA_SDPA); Unsloth's and HF's 8B rows
+#   bash scripts/gpu_session.sh part19  # SDPA first calls at new lengths; the 1B rows beside Unsloth's and HF's; the
+#                                       # 8B budget curve (7/10/14/20 GB); profiles of the 8B step and of 32k at 14 GB
 #   bash scripts/gpu_session.sh part0   # CPU self-test of this script (tiny model, no peers), any machine
 #   bash scripts/gpu_session.sh run NAME...   # only these jobs (e.g. the ones a part skipped for time)
 #   bash scripts/gpu_session.sh list          # every job, its part, expected seconds and command
@@ -209,6 +213,37 @@ part16 m_8b_budget14    18 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len
 part16 m_8b_budget20    18 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 20 $W
 part17 m_8b_bs2_profile 30 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W --profile --profile_rows 16
 part17 m_8b_budget7_profile 30 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 7 $W --profile --profile_rows 8
+part18 p_make_bg         1  10 peer_make_bg 8b
+part18 kcheck           25  90 python3 tests/gpu_check_kernels.py
+part18 attention        30 120 python3 scripts/bench_attention.py
+part18 p_make_wait      15 120 peer_make_wait 8b
+part18 m_8b_bs2         18 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
+part18 m_8b_bs2_cudnn   18 240 MINILORA_SDPA=cudnn $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
+part18 m_8b_bs2_flash   18 240 MINILORA_SDPA=flash $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
+part18 m_8b_budget7     20 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 7 $W
+part18 m_8b_budget7_cudnn 20 240 MINILORA_SDPA=cudnn $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 7 $W
+part18 m_8b_32k_14gb    62 300 $B --preset llama-3.1-8b --batch_size 1 --seq_len 32768 --gc auto --max_memory_gb 14 $W
+part18 m_8b_32k_14gb_cudnn 62 300 MINILORA_SDPA=cudnn $B --preset llama-3.1-8b --batch_size 1 --seq_len 32768 --gc auto --max_memory_gb 14 $W
+part18 u_8b_bs2         55 300 peer_run 8b --framework unsloth --bs 2 --seq 2048
+part18 u_8b_bs2_gcoff   50 300 peer_run 8b --framework unsloth --bs 2 --seq 2048 --gc off
+part18 u_8b_32k        100 360 peer_run 8b --framework unsloth --bs 1 --seq 32768
+part18 h_8b_bs2         35 300 peer_run 8b --framework hf --bs 2 --seq 2048
+part19 p_make_bg         1  10 peer_make_bg 1b
+part19 attention        45 150 python3 scripts/bench_attention.py
+part19 m_1b_bs2         17 180 $B --preset llama-3.2-1b --batch_size 2 --seq_len 2048 --gc auto $W
+part19 m_1b_bs8         17 180 $B --preset llama-3.2-1b --batch_size 8 --seq_len 2048 --gc auto $W
+part19 m_8b_budget10    18 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 10 $W
+part19 m_8b_budget14    18 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 14 $W
+part19 m_8b_budget20    18 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 20 $W
+part19 m_8b_budget7     20 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 7 $W
+part19 m_8b_bs2         15 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
+part19 p_make_wait       5 120 peer_make_wait 1b
+part19 u_1b_bs2         45 300 peer_run 1b --framework unsloth --bs 2 --seq 2048
+part19 u_1b_bs2_gcoff   40 300 peer_run 1b --framework unsloth --bs 2 --seq 2048 --gc off
+part19 u_1b_bs8         45 300 peer_run 1b --framework unsloth --bs 8 --seq 2048
+part19 h_1b_bs2         20 240 peer_run 1b --framework hf --bs 2 --seq 2048
+part19 m_8b_bs2_profile 30 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W --profile --profile_rows 16
+part19 m_8b_32k_profile 70 300 $B --preset llama-3.1-8b --batch_size 1 --seq_len 32768 --gc auto --max_memory_gb 14 $W --profile --profile_rows 16
 part4 h_8b_bs2        120 360 peer_run 8b --framework hf --bs 2 --seq 2048
 part4 h_1b_bs2         60 300 peer_run 1b --framework hf --bs 2 --seq 2048
 part4 m_qwen7b_bs2     40 240 $B --preset qwen2.5-7b --batch_size 2 --seq_len 2048 --gc auto $W
@@ -230,14 +265,17 @@ peer_run() {  # peer_run SIZE ARGS...: peers_gpu.py run on /tmp/peers_SIZE (made
     peer_make "$size" >/dev/null || return 1
     python3 .peers/peers_gpu.py run --model "/tmp/peers_$size" $W "$@"
 }
-peer_make_bg() {  # both peer checkpoints made in the background (disk and CPU work), while a GPU-bound job runs
-    nohup bash -c 'peer_make 8b && peer_make 1b' > /tmp/peer_make_bg.log 2>&1 &
-    echo "making /tmp/peers_8b and /tmp/peers_1b in the background (pid $!)"
+peer_make_bg() {  # peer_make_bg [SIZE...]: peer checkpoints (default 8b 1b) made in the background (disk, CPU)
+    local sizes=${*:-8b 1b}
+    nohup bash -c "for s in $sizes; do peer_make \$s || exit 1; done" > /tmp/peer_make_bg.log 2>&1 &
+    echo "making $sizes in /tmp/peers_<size> in the background (pid $!)"
 }
-peer_make_wait() {  # until peer_make_bg has made both
-    local i
+peer_make_wait() {  # peer_make_wait [SIZE...]: until peer_make_bg has made them (default 8b 1b)
+    local i s missing
     for i in $(seq 110); do
-        [ -f /tmp/peers_8b/config.json ] && [ -f /tmp/peers_1b/config.json ] && { cat /tmp/peer_make_bg.log; return 0; }
+        missing=0
+        for s in ${*:-8b 1b}; do [ -f "/tmp/peers_$s/config.json" ] || missing=1; done
+        ((missing)) || { cat /tmp/peer_make_bg.log; return 0; }
         sleep 1
     done
     cat /tmp/peer_make_bg.log; return 1
@@ -341,6 +379,8 @@ for job, r in rows:
     note = "" if r.get("ok") else r.get("error", "")[:120]
     if r.get("kernels", "1") != "1":
         note = f"MINILORA_TRITON={r['kernels']} " + note
+    if r.get("sdpa", "torch") != "torch":
+        note = f"MINILORA_SDPA={r['sdpa']} " + note
     if r.get("predicted_peak_gb"):
         note = f"predicted {r['predicted_peak_gb']:.2f} " + note
     loss = f"{f(r.get('first_loss'), '.3f')}>{f(r.get('last_loss'), '.3f')}"
@@ -371,7 +411,7 @@ case "$PART" in
         [ $# -gt 0 ] || { echo "run NAME..."; exit 2; }
         for n in "$@"; do jobs | awk -v n="$n" '$2 == n {f = 1} END {exit !f}' || { echo "no job $n (see: list)"; exit 2; }; done
         WANT=" $* " ;;
-    part0 | part1 | part2 | part3 | part4 | part5 | part6 | part7 | part8 | part9 | part10 | part11 | part12 | part14 | part15 | part16 | part17) WANT="" ;;
+    part0 | part1 | part2 | part3 | part4 | part5 | part6 | part7 | part8 | part9 | part10 | part11 | part12 | part14 | part15 | part16 | part17 | part18 | part19) WANT="" ;;
     *) echo "unknown part $PART; see: bash $0"; exit 2 ;;
 esac
 LOG=$OUT/$PART
