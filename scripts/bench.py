@@ -162,12 +162,14 @@ def train_flops(config: ModelConfig, batch: int, seq: int, modes: list[str], r: 
 
 # --- the loop -------------------------------------------------------------------------------------------------
 
-def random_batches(vocab: int, batch: int, seq: int, n: int, seed: int = 0):
-    """n (input_ids, labels) pairs on the CPU; labels[t] = input_ids[t + 1], the last position -100."""
+def random_batches(vocab: int, batch: int, seq: int, n: int, seed: int = 0, vary_len: bool = False):
+    """n (input_ids, labels) pairs on the CPU; labels[t] = input_ids[t + 1], the last position -100.
+    vary_len: each batch's length drawn uniformly from [seq / 4, seq], as padded batches of real data vary."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
-        ids = torch.randint(3, vocab, (batch, seq), generator=g)
+        t = int(torch.randint(max(seq // 4, 2), seq + 1, (), generator=g)) if vary_len else seq
+        ids = torch.randint(3, vocab, (batch, t), generator=g)
         labels = torch.full_like(ids, -100)
         labels[:, :-1] = ids[:, 1:]
         out.append((ids, labels))
@@ -294,7 +296,8 @@ def run(args) -> dict:
     opt = (AdamW8bit(params, lr=2e-4, weight_decay=0.01) if args.optim == "adamw_8bit" else
            torch.optim.AdamW(params, lr=2e-4, weight_decay=0.01, fused=cuda))
 
-    data = random_batches(config.vocab_size, args.batch_size, args.seq_len, args.warmup + args.steps)
+    data = random_batches(config.vocab_size, args.batch_size, args.seq_len, args.warmup + args.steps,
+                          vary_len=args.vary_len)
     if cuda:
         sync(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -312,9 +315,13 @@ def run(args) -> dict:
         print_profile(model, opt, data[-1], config, chunk, device, args.profile_rows)
 
     step = statistics.median(times[args.warmup:])
-    flops = train_flops(config, args.batch_size, args.seq_len, modes, args.r, mlp_chunk)
+    if args.vary_len:  # every length is its own workload: tokens over time of all timed steps, not a median
+        step = sum(times[args.warmup:]) / args.steps
+        out["tokens_per_step"] = sum(ids.numel() for ids, _ in data[args.warmup:]) / args.steps
+    flops = statistics.mean(train_flops(config, args.batch_size, ids.shape[1], modes, args.r, mlp_chunk)
+                            for ids, _ in data[args.warmup:])
     out.update(
-        step_s=step, tok_s=args.batch_size * args.seq_len / step,
+        step_s=step, tok_s=out.get("tokens_per_step", args.batch_size * args.seq_len) / step,
         peak_alloc_gb=torch.cuda.max_memory_allocated(device) / GiB if cuda else None,
         peak_reserved_gb=torch.cuda.max_memory_reserved(device) / GiB if cuda else None,
         first_loss=losses[0], last_loss=losses[-1], load_s=load_s, trainable=sum(p.numel() for p in params),
@@ -340,6 +347,8 @@ def main():
     p.add_argument("--seq_len", type=int, default=2048)
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--steps", type=int, default=5, help="timed steps; step_s is their median")
+    p.add_argument("--vary_len", action="store_true", help="each batch's length uniform in [seq_len/4, seq_len]; "
+                   "step_s is then the mean, tok_s all timed tokens over all timed time (new lengths cost plans)")
     # memory
     p.add_argument("--gc", default="auto", choices=["off", "recompute", "offload", "auto"],
                    help="activation checkpointing of every layer, or auto: per layer within --max_memory_gb")

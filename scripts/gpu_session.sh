@@ -38,6 +38,8 @@
 #                                       # pick, cuDNN first and flash first (MINILORA_SDPA); Unsloth's and HF's 8B rows
 #   bash scripts/gpu_session.sh part19  # SDPA first calls at new lengths; the 1B rows beside Unsloth's and HF's; the
 #                                       # 8B budget curve (7/10/14/20 GB); profiles of the 8B step and of 32k at 14 GB
+#   bash scripts/gpu_session.sh part20  # (not yet run) batches of varying length (bench.py --vary_len), torch's SDPA pick (cuDNN)
+#                                       # against flash first: what a new length's cuDNN plan costs a run
 #   bash scripts/gpu_session.sh part0   # CPU self-test of this script (tiny model, no peers), any machine
 #   bash scripts/gpu_session.sh run NAME...   # only these jobs (e.g. the ones a part skipped for time)
 #   bash scripts/gpu_session.sh list          # every job, its part, expected seconds and command
@@ -244,6 +246,10 @@ part19 u_1b_bs8         45 300 peer_run 1b --framework unsloth --bs 8 --seq 2048
 part19 h_1b_bs2         20 240 peer_run 1b --framework hf --bs 2 --seq 2048
 part19 m_8b_bs2_profile 30 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W --profile --profile_rows 16
 part19 m_8b_32k_profile 70 300 $B --preset llama-3.1-8b --batch_size 1 --seq_len 32768 --gc auto --max_memory_gb 14 $W --profile --profile_rows 16
+part20 m_1b_vary        12  60 $B --preset llama-3.2-1b --batch_size 2 --seq_len 2048 --gc auto --warmup 3 --steps 40 --vary_len
+part20 m_1b_vary_flash  12  60 MINILORA_SDPA=flash $B --preset llama-3.2-1b --batch_size 2 --seq_len 2048 --gc auto --warmup 3 --steps 40 --vary_len
+part20 m_8b_vary        25  80 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --warmup 3 --steps 40 --vary_len
+part20 m_8b_vary_flash  25  80 MINILORA_SDPA=flash $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --warmup 3 --steps 40 --vary_len
 part4 h_8b_bs2        120 360 peer_run 8b --framework hf --bs 2 --seq 2048
 part4 h_1b_bs2         60 300 peer_run 1b --framework hf --bs 2 --seq 2048
 part4 m_qwen7b_bs2     40 240 $B --preset qwen2.5-7b --batch_size 2 --seq_len 2048 --gc auto $W
@@ -411,7 +417,7 @@ case "$PART" in
         [ $# -gt 0 ] || { echo "run NAME..."; exit 2; }
         for n in "$@"; do jobs | awk -v n="$n" '$2 == n {f = 1} END {exit !f}' || { echo "no job $n (see: list)"; exit 2; }; done
         WANT=" $* " ;;
-    part0 | part1 | part2 | part3 | part4 | part5 | part6 | part7 | part8 | part9 | part10 | part11 | part12 | part14 | part15 | part16 | part17 | part18 | part19) WANT="" ;;
+    part0 | part1 | part2 | part3 | part4 | part5 | part6 | part7 | part8 | part9 | part10 | part11 | part12 | part14 | part15 | part16 | part17 | part18 | part19 | part20) WANT="" ;;
     *) echo "unknown part $PART; see: bash $0"; exit 2 ;;
 esac
 LOG=$OUT/$PART
