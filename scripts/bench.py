@@ -314,14 +314,14 @@ def run(args) -> dict:
     if args.profile:  # one more step under the profiler: where the time goes, kernel by kernel
         print_profile(model, opt, data[-1], config, chunk, device, args.profile_rows)
 
-    step = statistics.median(times[args.warmup:])
-    if args.vary_len:  # every length is its own workload: tokens over time of all timed steps, not a median
-        step = sum(times[args.warmup:]) / args.steps
-        out["tokens_per_step"] = sum(ids.numel() for ids, _ in data[args.warmup:]) / args.steps
+    # --vary_len: every length is a workload of its own, so all timed tokens over all timed time, not a median
+    timed = data[args.warmup:]
+    step = (statistics.mean if args.vary_len else statistics.median)(times[args.warmup:])
+    tokens = statistics.mean(ids.numel() for ids, _ in timed)
     flops = statistics.mean(train_flops(config, args.batch_size, ids.shape[1], modes, args.r, mlp_chunk)
-                            for ids, _ in data[args.warmup:])
+                            for ids, _ in timed)
     out.update(
-        step_s=step, tok_s=out.get("tokens_per_step", args.batch_size * args.seq_len) / step,
+        step_s=step, tok_s=tokens / step,
         peak_alloc_gb=torch.cuda.max_memory_allocated(device) / GiB if cuda else None,
         peak_reserved_gb=torch.cuda.max_memory_reserved(device) / GiB if cuda else None,
         first_loss=losses[0], last_loss=losses[-1], load_s=load_s, trainable=sum(p.numel() for p in params),

@@ -51,6 +51,15 @@ def fwd_bwd(q, k, v, dy, backend=None):
     return [y.detach(), q.grad, k.grad, v.grad]
 
 
+def wall_ms(fn) -> float:
+    """One synchronised call of fn, in ms of wall time: what a first call at a new shape costs, plans included."""
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) * 1e3
+
+
 def rel(a, b) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
@@ -89,12 +98,7 @@ def main():
             if max(errs) > 1e-2 or any(e != e for e in errs):
                 failed.append(f"{name} {B}x{T}")
             ms = do_bench(lambda: fwd_bwd(q, k, v, dy, backend), warmup=50, rep=300, return_mode="median")
-            q2, k2, v2, dy2 = inputs(B, T - 1, seed=T + 1)
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            fwd_bwd(q2, k2, v2, dy2, backend)
-            torch.cuda.synchronize()
-            first = (time.perf_counter() - t) * 1e3
+            first = wall_ms(lambda: fwd_bwd(*inputs(B, T - 1, seed=T + 1), backend))
             flops = 4 * B * H * D * T * (T + 1) // 2 * 3.5  # QKᵀ and PV forward, x2.5 backward (one recompute)
             rows.append((f"{B} x {T}", name, " ".join(f"{e:.1e}" for e in errs) + f" vs {ref_name}",
                          f"{ms:.2f}", f"{flops / ms / 1e9:.0f}", f"{first:.1f}"))
@@ -105,13 +109,7 @@ def main():
         cells = []
         for T in FIRST_CALL_LENGTHS:
             q, k, v, dy = inputs(2, T, seed=T)
-            times = []
-            for _ in range(2):
-                torch.cuda.synchronize()
-                t = time.perf_counter()
-                fwd_bwd(q, k, v, dy, BACKENDS[name])
-                torch.cuda.synchronize()
-                times.append((time.perf_counter() - t) * 1e3)
+            times = [wall_ms(lambda: fwd_bwd(q, k, v, dy, BACKENDS[name])) for _ in range(2)]
             cells.append(f"{T}: {times[0]:.0f} > {times[1]:.1f}")
         print(f"  {name:<6} " + ", ".join(cells), flush=True)
     print(f"\n{'shape':<10} {'backend':<10} {'rel. error out dq dk dv':<44} {'ms':>7} {'TFLOP/s':>8} "
