@@ -167,33 +167,47 @@ class GatedLoRAFunction(torch.autograd.Function):
     (for Llama 3.1 8B at 2 x 2048 tokens, 117 MB a layer, 3.7 GB in all). Backward needs h again for down_proj's
     dA: the activation's backward kernel, which reads g and u anyway, writes it beside dg and du (a separate
     recompute pass over g and u took ~4 ms of a 283 ms 8B step at 2 x 2048, issue 6). CUDA only: the forward and backward of the activation
-    are kernels/gated_act.py's Triton launches. No dropout (its mask would have to be kept)."""
+    are kernels/gated_act.py's Triton launches. No dropout (its mask would have to be kept).
+
+    With `overwrite` the backward writes dg over g, du over u and h over dh, so the MLP's backward holds three
+    [N, I] tensors where fresh outputs make it six: 2.8 GB less at the 8B shape's 32k tokens. GatedMLP asks for
+    it, since there g and u are the projections' fresh outputs that nothing else keeps (the projections keep
+    their inputs), as Unsloth's fused MLP does the same. The price: a graph through it backpropagates once
+    (retain_graph is refused with an error), and a forward hook that keeps gate_proj's or up_proj's output sees
+    it overwritten by the gradients."""
 
     @staticmethod
-    def forward(ctx, g, u, activation: str, base, bias, A, B, scale: float):
+    def forward(ctx, g, u, activation: str, base, bias, A, B, scale: float, overwrite: bool):
         h = gated_act_forward_triton(g, u, activation)  # [N, I], dropped once y is made (LoRA keeps xa only)
         y, saved = _lora_forward(h, None, base, bias, A, B, scale)
         ctx.base, ctx.scale, ctx.activation = base, scale, activation
+        ctx.overwrite = overwrite and g.is_contiguous() and u.is_contiguous()
         ctx.lora_dtypes = (A.dtype, B.dtype) if A is not None else None
         ctx.save_for_backward(g, u, *(saved[1:] if saved is not None else ()))
         return y
 
     @staticmethod
     def backward(ctx, dy):  # dy [N, out]
-        need_g, need_u, _, _, need_b, need_A, need_B, _ = ctx.needs_input_grad
+        need_g, need_u, _, _, need_b, need_A, need_B, _, _ = ctx.needs_input_grad
+        if getattr(ctx, "spent", False):
+            raise RuntimeError("GatedLoRAFunction (the MLP's down_proj): backward ran a second time through the "
+                               "same graph (retain_graph=True), but the first one wrote its gradients over the "
+                               "saved gate/up outputs; run the forward again instead")
         g, u, *lora = ctx.saved_tensors
         saved = (None, *lora) if lora else None  # h is not kept: the activation's backward below remakes it
         dh, _, dyb = _lora_input_grad(dy, ctx.base, saved, ctx.scale, True, need_g or need_u, False)
         dg = du = h = None
+        inplace = ctx.overwrite and dh is not None and dh.is_contiguous()
+        ctx.spent = inplace
         if dh is not None and need_A:  # dA reads h: the backward kernel writes it beside dg and du
-            dg, du, h = gated_act_backward_triton(dh, g, u, ctx.activation, store_h=True)
+            dg, du, h = gated_act_backward_triton(dh, g, u, ctx.activation, store_h=True, inplace=inplace)
         elif dh is not None:
-            dg, du = gated_act_backward_triton(dh, g, u, ctx.activation)
+            dg, du = gated_act_backward_triton(dh, g, u, ctx.activation, inplace=inplace)
         elif need_A:
             h = gated_act_forward_triton(g, u, ctx.activation)
         db, dA, dB = _lora_weight_grads(dy, dyb, h, lora[0] if lora else None, ctx.scale, ctx.lora_dtypes,
                                         need_b, need_A, need_B)
-        return dg, du, None, None, db, dA, dB, None
+        return dg, du, None, None, db, dA, dB, None, None
 
 
 class SharedInputLoRAFunction(torch.autograd.Function):
@@ -389,16 +403,18 @@ class LoRALinear(nn.Module):
         y = LoRAFunction.apply(x2, xd, self._base(), self.bias, a, b, self.scaling)  # [N, out]
         return y.view(*x.shape[:-1], self.out_features)
 
-    def forward_gated(self, g: torch.Tensor, u: torch.Tensor, activation: str) -> torch.Tensor:
+    def forward_gated(self, g: torch.Tensor, u: torch.Tensor, activation: str, overwrite: bool = False) -> torch.Tensor:
         """self(act(g) * u) for g, u [*, in]; activation as kernels/gated_act.py names it. On CUDA without
-        dropout, one GatedLoRAFunction that does not keep act(g) * u for backward; otherwise the composition."""
+        dropout, one GatedLoRAFunction that does not keep act(g) * u for backward; otherwise the composition.
+        overwrite: g and u are the caller's to give away, and backward may write their gradients over them
+        (GatedLoRAFunction)."""
         fused = (use_triton(g, "gated_act") and not (self.r > 0 and self.training and self.lora_dropout > 0)
                  and (self.weight is None or not self.weight.requires_grad))
         if not fused:
             return self(gated_act(g, u, activation))
         a, b = (self.lora_A.weight, self.lora_B.weight) if self.r > 0 else (None, None)
         y = GatedLoRAFunction.apply(g.reshape(-1, self.in_features), u.reshape(-1, self.in_features), activation,
-                                    self._base(), self.bias, a, b, self.scaling)  # [N, out]
+                                    self._base(), self.bias, a, b, self.scaling, overwrite)  # [N, out]
         return y.view(*g.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

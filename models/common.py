@@ -146,9 +146,10 @@ class GatedMLP(nn.Module):
     def _forward(self, x):
         g, u = project(x, self.gate_proj, self.up_proj)  # [B, T, I] each (minilora/lora.py: one Function with LoRA)
         # A LoRALinear down_proj (minilora/lora.py) takes g and u itself: on CUDA it fuses the activation into
-        # its autograd Function and recomputes act(g) * u in backward instead of keeping it.
+        # its autograd Function and recomputes act(g) * u in backward instead of keeping it. g and u are ours
+        # alone (no projection keeps its output), so its backward may write their gradients over them.
         if hasattr(self.down_proj, "forward_gated"):
-            return self.down_proj.forward_gated(g, u, self.activation)
+            return self.down_proj.forward_gated(g, u, self.activation, overwrite=True)
         # kernels/gated_act.py: act(g) * u fused on CUDA, keeping g and u for backward instead of g, u and act(g)
         return self.down_proj(gated_act(g, u, self.activation))
 

@@ -73,8 +73,10 @@ def main():
             up = torch.randn(4096, 14336, generator=g, device=dev).to(dtype)
             lora = [m.lora_A.weight, m.lora_B.weight]
             compare("down_proj(gated_act) fused [4096, 14336] nf4",
-                    outputs_and_grads(lambda a, b, A, B: GatedLoRAFunction.apply(a, b, "silu", m.nf4, None, A, B,
-                                                                                 m.scaling), [gate, up, *lora]),
+                    # a * 1, b * 1: non-leaf inputs, whose storage the backward overwrites (GatedMLP's call)
+                    outputs_and_grads(lambda a, b, A, B: GatedLoRAFunction.apply(a * 1, b * 1, "silu", m.nf4, None,
+                                                                                 A, B, m.scaling, True),
+                                      [gate, up, *lora]),
                     outputs_and_grads(lambda a, b, A, B: LoRAFunction.apply(GatedActFunction.apply(a, b, "silu"),
                                                                             None, m.nf4, None, A, B, m.scaling),
                                       [gate, up, *lora]), dtype)

@@ -65,15 +65,35 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
                      "h16": K.gated_act_forward_triton(g, u, act, block=16),
                      "dgdu16": K.gated_act_backward_triton(dh, g, u, act, block=16),
                      "dgduh16": K.gated_act_backward_triton(dh, g, u, act, block=16, store_h=True)}
+        # inplace: dg over g, du over u, h over dh, on copies (the results must be the fresh ones' bits)
+        gi, ui, dhi = g.clone(), u.clone(), dh.clone()
+        res = K.gated_act_backward_triton(dhi, gi, ui, act, block=16, store_h=True, inplace=True)
+        out[name]["inplace"] = (res, [t.data_ptr() for t in res] == [gi.data_ptr(), ui.data_ptr(), dhi.data_ptr()])
 
     # down_proj fused with the activation (minilora/lora.py): its backward takes h from the backward kernel
     from minilora.lora import GatedLoRAFunction
     from test_kernels_gated_act import gated_lora_inputs
     for act in K.ACTIVATIONS:
         leaves, W, dy = gated_lora_inputs()
-        y = GatedLoRAFunction.apply(leaves[0], leaves[1], act, W, None, leaves[2], leaves[3], 0.5)
+        y = GatedLoRAFunction.apply(leaves[0], leaves[1], act, W, None, leaves[2], leaves[3], 0.5, False)
         y.backward(dy)
         out[f"gated_lora-{act}"] = [y.detach()] + [t.grad for t in leaves]
+        # overwrite (what GatedMLP asks for): g and u are non-leaf outputs, their storage gets dg and du
+        leaves, W, dy = gated_lora_inputs()
+        g, u = leaves[0] * 1, leaves[1] * 1
+        ptrs = g.data_ptr(), u.data_ptr()
+        seen = {}
+        g.register_hook(lambda d: seen.update(dg=d.data_ptr()))
+        u.register_hook(lambda d: seen.update(du=d.data_ptr()))
+        y = GatedLoRAFunction.apply(g, u, act, W, None, leaves[2], leaves[3], 0.5, True)
+        y.backward(dy, retain_graph=True)
+        try:
+            y.backward(dy)
+            second = "no error"
+        except RuntimeError as e:
+            second = str(e)
+        out[f"gated_lora_overwrite-{act}"] = ([y.detach()] + [t.grad for t in leaves],
+                                              (seen["dg"], seen["du"]) == ptrs, second)
 
     # h.sum().backward() hands the backward an expanded, stride-0 dh; only g requiring grad gives du = None
     g, u, dh = inputs("silu-float32-2x7x33")
@@ -136,6 +156,9 @@ def test_triton_matches_reference(triton_out, name):
     assert torch.equal(res["h16"], res["h"])
     assert torch.equal(res["dgdu16"][0], res["dg"]) and torch.equal(res["dgdu16"][1], res["du"])
     assert all(torch.equal(a, b) for a, b in zip(res["dgduh16"], (res["dg"], res["du"], res["h"])))
+    inplace, reused = res["inplace"]
+    assert reused, "inplace=True must return g's, u's and dh's own storage"
+    assert all(torch.equal(a, b) for a, b in zip(inplace, (res["dg"], res["du"], res["h"])))
 
 
 def gated_lora_inputs(seed: int = 3):
@@ -158,6 +181,17 @@ def test_gated_lora_function(triton_out, act):
     for what, o, r in zip(("y", "dg", "du", "dA", "dB"), triton_out[f"gated_lora-{act}"], [y.detach()] +
                           [t.grad for t in leaves]):
         close(f"gated lora {act} {what}", o, r, 0, 1e-5 * max(1.0, r.abs().max().item()))
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_gated_lora_overwrite(triton_out, act):
+    """overwrite=True (GatedMLP's call): the same output and gradients bit for bit, dg and du handed on in g's
+    and u's own storage, and a second backward through the graph refused with an error naming retain_graph."""
+    grads_, reused, second = triton_out[f"gated_lora_overwrite-{act}"]
+    for what, o, r in zip(("y", "dg", "du", "dA", "dB"), grads_, triton_out[f"gated_lora-{act}"]):
+        assert torch.equal(o, r), what
+    assert reused
+    assert "retain_graph" in second, second
 
 
 def test_expanded_grad_output(triton_out):
