@@ -18,6 +18,17 @@ Three modes, chosen per layer (`set_checkpointing(model, ["offload"] * 8 + ["rec
                enough to eat the overlap (torchtune's activation offloading lost it that way).
                On a CPU-only machine the same code degenerates to synchronous copies, so CI tests it.
 
+keep_attention (long sequences): a checkpointed layer also keeps what its attention kernel returned, the output
+[B, H, T, D] and the logsumexp [B, H, T] (on the host too, with offload), and the recompute takes them from
+there instead of running attention's forward again. Attention is the one part of a layer whose cost grows with
+T² while its output grows with T: at the 8B shape's 32k tokens its forward is ~17 ms of a layer's ~150, for
+256 MB. `_AttentionTape` does it as torch's selective checkpointing does (torch.utils.checkpoint's
+`create_selective_checkpoint_contexts`), by a TorchDispatchMode below autograd: in the layer's forward it
+records the outputs of SDPA's fused kernel op; in the recompute autograd still records the op's node, with
+its own backward formula, and the mode hands back the recorded outputs in place of the kernel's. Every op of
+the layer then passes through Python once more, a few microseconds each: nothing next to a long sequence's
+kernels, but not free at short ones, hence a choice (memory_policy turns it on from KEEP_ATTENTION_MIN_SEQ).
+
 Why a custom autograd.Function and not torch.utils.checkpoint: offloading needs control over where the
 layer input lives between forward and backward, and the non-reentrant checkpoint keeps its inputs alive in a
 closure that saved_tensors_hooks never see; the reentrant one would need the same stash code anyway. Here the
@@ -34,14 +45,17 @@ import contextlib
 import weakref
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 MODES = ("off", "recompute", "offload")
 
 
-def set_checkpointing(model, modes: str | list[str], mlp_chunk: int | None = None) -> None:
+def set_checkpointing(model, modes: str | list[str], mlp_chunk: int | None = None,
+                      keep_attention: bool = False) -> None:
     """Give `model.layer_runners` one entry per decoder layer: None ("off") or a LayerCheckpoint.
     `modes` is one mode for every layer or a list with one mode per layer. `mlp_chunk` (tokens) makes every
-    layer's MLP run in chunks of that many tokens, each recomputed in backward (`checkpoint_chunks`); None: whole."""
+    layer's MLP run in chunks of that many tokens, each recomputed in backward (`checkpoint_chunks`); None: whole.
+    `keep_attention`: checkpointed layers keep their attention outputs for the recompute (module docstring)."""
     n = len(model.model.layers)
     modes = [modes] * n if isinstance(modes, str) else list(modes)
     if len(modes) != n:
@@ -50,7 +64,8 @@ def set_checkpointing(model, modes: str | list[str], mlp_chunk: int | None = Non
     if bad:
         raise ValueError(f"set_checkpointing: unknown mode(s) {bad}; expected one of {MODES}")
     offloader = HostOffloader() if "offload" in modes else None  # one pool and stream for the whole model
-    runners = [None if m == "off" else LayerCheckpoint(offloader if m == "offload" else None) for m in modes]
+    runners = [None if m == "off" else LayerCheckpoint(offloader if m == "offload" else None, keep_attention)
+               for m in modes]
     if mlp_chunk is not None and (not isinstance(mlp_chunk, int) or mlp_chunk < 1):
         raise ValueError(f"set_checkpointing: mlp_chunk must be a positive number of tokens, got {mlp_chunk!r}")
     model.layer_runners = runners if any(r is not None for r in runners) else None
@@ -59,24 +74,26 @@ def set_checkpointing(model, modes: str | list[str], mlp_chunk: int | None = Non
 
 
 class LayerCheckpoint:
-    """run(layer, x, inputs) -> layer(x, inputs), keeping only x for backward (on the host with an offloader)."""
+    """run(layer, x, inputs) -> layer(x, inputs), keeping only x for backward (on the host with an offloader),
+    and with keep_attention the attention kernel's outputs too."""
 
-    def __init__(self, offloader: HostOffloader | None = None):
-        self.offloader = offloader
+    def __init__(self, offloader: HostOffloader | None = None, keep_attention: bool = False):
+        self.offloader, self.keep_attention = offloader, keep_attention
 
     def __repr__(self):
-        return f"LayerCheckpoint({'offload' if self.offloader else 'recompute'})"
+        keep = ", keep_attention" if self.keep_attention else ""
+        return f"LayerCheckpoint({'offload' if self.offloader else 'recompute'}{keep})"
 
     def __call__(self, layer, x: torch.Tensor, inputs) -> torch.Tensor:
         params = [p for p in layer.parameters() if p.requires_grad]  # LoRA A/B; frozen NF4 weights drop out
         if not torch.is_grad_enabled() or not (x.requires_grad or params):
             return layer(x, inputs)  # evaluation: nothing to save
-        return _CheckpointedLayer.apply(layer, inputs, self.offloader, x, *params)
+        return _CheckpointedLayer.apply(layer, inputs, self.offloader, self.keep_attention, x, *params)
 
 
 class _CheckpointedLayer(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, layer, inputs, offloader, x, *params):
+    def forward(ctx, layer, inputs, offloader, keep_attention, x, *params):
         # x [B, T, H]; runs under no_grad (autograd.Function.forward always does): no activations kept
         ctx.layer, ctx.inputs, ctx.device = layer, inputs, x.device
         _save_forward_state(ctx, x.device)
@@ -84,9 +101,15 @@ class _CheckpointedLayer(torch.autograd.Function):
             ctx.stash = None
             ctx.save_for_backward(x, *params)
         else:
-            ctx.stash = offloader.stash(x)
+            ctx.stash = offloader.stash([x])
             ctx.save_for_backward(*params)  # saved so an in-place update before backward is caught
-        return layer(x, inputs)
+        tape = _AttentionTape() if keep_attention else None
+        with tape or contextlib.nullcontext():
+            y = layer(x, inputs)
+        ctx.tape = tape
+        if tape is not None and ctx.stash is not None:
+            tape.move_to(ctx.stash)  # the big outputs travel with x, and come back with it
+        return y
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -94,15 +117,89 @@ class _CheckpointedLayer(torch.autograd.Function):
         if ctx.stash is None:
             x, params = saved[0], saved[1:]
         else:
-            x, params = ctx.stash.fetch(), saved  # also starts bringing back the previous layer's input
-            ctx.stash = None  # its host buffer goes back to the pool
-        x = x.detach().requires_grad_(ctx.needs_input_grad[3])
-        with _forward_rng(ctx, ctx.device), _recording(ctx, ctx.device):
+            x, *kept = ctx.stash.fetch()  # also starts bringing back the previous layer's input
+            params = saved
+            ctx.stash = None  # its host buffers go back to the pool
+            if ctx.tape is not None:
+                ctx.tape.move_back(kept)
+        x = x.detach().requires_grad_(ctx.needs_input_grad[4])
+        tape, ctx.tape = ctx.tape, None
+        with _forward_rng(ctx, ctx.device), _recording(ctx, ctx.device), (tape or contextlib.nullcontext()):
             out = ctx.layer(x, ctx.inputs)  # [B, T, H], the same values as in forward
         wrt = ([x] if x.requires_grad else []) + list(params)
         grads = torch.autograd.grad(out, wrt, grad_out, allow_unused=True)
         grad_x = grads[0] if x.requires_grad else None
-        return (None, None, None, grad_x, *grads[len(wrt) - len(params):])
+        return (None, None, None, None, grad_x, *grads[len(wrt) - len(params):])
+
+
+# --- keeping the attention kernel's outputs -------------------------------------------------------------------
+_aten = torch.ops.aten
+# SDPA's fused forward ops (one of them runs per SDPA call, by backend), with the position of their
+# compute_log_sumexp argument: the no-grad forward passes False, and backward needs the logsumexp
+ATTENTION_FORWARDS = {
+    _aten._scaled_dot_product_flash_attention.default: None,  # always returns it
+    _aten._scaled_dot_product_cudnn_attention.default: 4,
+    _aten._scaled_dot_product_efficient_attention.default: 4,
+    _aten._scaled_dot_product_flash_attention_for_cpu.default: None,
+}
+TAPE_HOST_MIN_BYTES = 2**20  # with offload, outputs from this size go to the host; smaller ones (RNG state) stay
+
+
+class _AttentionTape(TorchDispatchMode):
+    """Active around a checkpointed layer's forward, then around its recompute. First use: runs the attention
+    ops of ATTENTION_FORWARDS (asking for the logsumexp) and records their outputs, in order. Second use: each
+    such op takes the next recorded outputs instead of running; autograd, which sits above this mode, records
+    the op's node on them as if it had run. An op that differs from the recorded one (a backend chosen
+    differently under grad) just runs: correct, only not saved. Every other op runs as it is."""
+
+    def __init__(self):
+        self.records: list[tuple] = []  # [(op, outputs)]
+        self.replaying = False
+        self.on_host: list[tuple[int, int]] = []  # (record, output) positions that move_to gave a stash
+
+    def __enter__(self):
+        self.pos = 0
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        self.replaying = True  # the next use is the recompute
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func not in ATTENTION_FORWARDS:
+            return func(*args, **kwargs)
+        if not self.replaying:
+            lse = ATTENTION_FORWARDS[func]
+            if lse is not None:
+                args = (*args[:lse], True, *args[lse + 1:])
+            out = func(*args, **kwargs)
+            self.records.append((func, out))
+            return out
+        recorded = self.records[self.pos] if self.pos < len(self.records) else (None, None)
+        self.pos += 1
+        if recorded[0] is not func:
+            return func(*args, **kwargs)
+        return tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in recorded[1])
+
+    def move_to(self, stash: _Stash) -> None:
+        """Hand the recorded outputs of TAPE_HOST_MIN_BYTES or more to `stash` (off the GPU until backward)."""
+        big = [(i, j) for i, (_, out) in enumerate(self.records) for j, t in enumerate(out)
+               if isinstance(t, torch.Tensor) and t.numel() * t.element_size() >= TAPE_HOST_MIN_BYTES]
+        stash.add([self.records[i][1][j] for i, j in big])
+        self.on_host = big
+        for i, j in big:
+            self._set(i, j, None)
+
+    def move_back(self, tensors: list[torch.Tensor]) -> None:
+        """The tensors `move_to` handed over, fetched back in the same order."""
+        for (i, j), t in zip(self.on_host, tensors):
+            self._set(i, j, t)
+        self.on_host = []
+
+    def _set(self, i: int, j: int, value) -> None:
+        func, out = self.records[i]
+        self.records[i] = (func, (*out[:j], value, *out[j + 1:]))
 
 
 # --- what a recompute replays: the forward's RNG and autocast state ---------------------------------------------
@@ -205,10 +302,20 @@ class HostOffloader:
         self.pending: list[weakref.ref] = []
         self.stream: torch.cuda.Stream | None = None  # made on first CUDA use
 
-    def stash(self, x: torch.Tensor) -> _Stash:
-        x = x.contiguous()
-        nbytes = x.numel() * x.element_size()
-        src = x.view(-1).view(torch.uint8)  # [nbytes]: the input's bytes, whatever its dtype
+    def stash(self, tensors: list[torch.Tensor]) -> _Stash:
+        """Copy a layer's tensors (its input; `_Stash.add` may add more) to host buffers; they come back together."""
+        st = _Stash(self, tensors[0].device)
+        st.add(tensors)
+        self.pending = [r for r in self.pending if r() is not None] + [weakref.ref(st)]
+        return st
+
+    def _copy_out(self, x: torch.Tensor, owner: _Stash) -> _Stashed:
+        # dims ordered by stride: a permuted-contiguous tensor (attention's [B, H, T, D] view of [B, T, H, D]
+        # memory) travels as it lies in memory and comes back with the same strides, as backward kernels expect
+        order = sorted(range(x.dim()), key=lambda d: -x.stride(d))
+        dense = x.permute(order).contiguous()
+        nbytes = dense.numel() * dense.element_size()
+        src = dense.view(-1).view(torch.uint8)  # [nbytes]: the tensor's bytes, whatever its dtype
         bufs = self._acquire(nbytes, x.device)
         size = bufs[0].data.numel()
         pieces = [b.data[:min(size, nbytes - i * size)] for i, b in enumerate(bufs)]  # host views, in order
@@ -218,15 +325,13 @@ class HostOffloader:
             with torch.cuda.stream(side):
                 for i, piece in enumerate(pieces):
                     piece.copy_(src[i * size:i * size + piece.numel()], non_blocking=True)
-            x.record_stream(side)
+            dense.record_stream(side)
         else:
             for i, piece in enumerate(pieces):
                 piece.copy_(src[i * size:i * size + piece.numel()])
-        st = _Stash(self, pieces, x.shape, x.dtype, x.device)
         for b in bufs:
-            b.owner = weakref.ref(st)
-        self.pending = [r for r in self.pending if r() is not None] + [weakref.ref(st)]
-        return st
+            b.owner = weakref.ref(owner)
+        return _Stashed(pieces, dense.shape, x.dtype, order)
 
     def prefetch_before(self, st: _Stash) -> None:
         """Layer st's backward is under way: start fetching the input stashed just before it (the previous
@@ -277,40 +382,56 @@ class _HostBuffer:
         self.owner: weakref.ref | None = None
 
 
-class _Stash:
-    """One layer input living in host buffers until its layer's backward brings it back."""
+class _Stashed:
+    """One tensor in host buffers: its bytes in `pieces`, laid out as shape (the tensor's dims in `order`)."""
 
-    def __init__(self, offloader: HostOffloader, pieces: list[torch.Tensor], shape, dtype, device: torch.device):
-        self.offloader, self.pieces, self.device = offloader, pieces, device
-        self.shape, self.dtype = shape, dtype
-        self.on_device: torch.Tensor | None = None
-        self.ready: torch.cuda.Event | None = None
+    def __init__(self, pieces: list[torch.Tensor], shape, dtype, order: list[int]):
+        self.pieces, self.shape, self.dtype, self.order = pieces, shape, dtype, order
 
-    def _copy_back(self, dst: torch.Tensor, non_blocking: bool) -> None:
-        out, at = dst.view(-1).view(torch.uint8), 0
+    def empty(self, device: torch.device) -> torch.Tensor:
+        return torch.empty(self.shape, dtype=self.dtype, device=device)
+
+    def copy_back(self, dense: torch.Tensor, non_blocking: bool) -> torch.Tensor:
+        """Fill dense (from `empty`) with the bytes; return it with the original dims and strides."""
+        out, at = dense.view(-1).view(torch.uint8), 0
         for piece in self.pieces:
             out[at:at + piece.numel()].copy_(piece, non_blocking=non_blocking)
             at += piece.numel()
+        inverse = sorted(range(len(self.order)), key=lambda d: self.order[d])
+        return dense.permute(inverse)
+
+
+class _Stash:
+    """One layer's tensors (its input first) living in host buffers until its layer's backward brings them back."""
+
+    def __init__(self, offloader: HostOffloader, device: torch.device):
+        self.offloader, self.device = offloader, device
+        self.stashed: list[_Stashed] = []
+        self.on_device: list[torch.Tensor] | None = None
+        self.ready: torch.cuda.Event | None = None
+
+    def add(self, tensors: list[torch.Tensor]) -> None:
+        self.stashed += [self.offloader._copy_out(t, self) for t in tensors]
 
     def start_fetch(self) -> None:
         if self.on_device is not None:
             return  # already prefetched
-        self.on_device = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        dense = [s.empty(self.device) for s in self.stashed]  # allocated on main, where they are used and freed
         if self.device.type != "cuda":
-            self._copy_back(self.on_device, non_blocking=False)
+            self.on_device = [s.copy_back(d, non_blocking=False) for s, d in zip(self.stashed, dense)]
             return
         main, side = torch.cuda.current_stream(self.device), self.offloader._side_stream(self.device)
         side.wait_stream(main)
         with torch.cuda.stream(side):
-            self._copy_back(self.on_device, non_blocking=True)
+            self.on_device = [s.copy_back(d, non_blocking=True) for s, d in zip(self.stashed, dense)]
             self.ready = torch.cuda.Event()
             self.ready.record(side)
 
-    def fetch(self) -> torch.Tensor:
-        """The input back on its device, ready for use on the current stream; prefetches the previous one."""
+    def fetch(self) -> list[torch.Tensor]:
+        """The tensors back on their device, ready for use on the current stream; prefetches the previous layer's."""
         self.start_fetch()
         if self.ready is not None:
             torch.cuda.current_stream(self.device).wait_event(self.ready)
         self.offloader.prefetch_before(self)
-        x, self.on_device = self.on_device, None
-        return x
+        tensors, self.on_device = self.on_device, None
+        return tensors

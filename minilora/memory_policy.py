@@ -43,6 +43,10 @@ When not even every layer offloaded fits (in the GPU budget, or its offloaded in
 left at long context is one layer's [tokens, intermediate]
 MLP activations: the layers are measured again with their MLP in chunks of MLP_CHUNK_TOKENS tokens, each
 recomputed in its backward (`checkpoint_chunks`), and the same policy runs on those costs.
+From KEEP_ATTENTION_MIN_SEQ tokens a row, checkpointed layers also keep their attention kernel's outputs
+(`keep_attention`, minilora/checkpointing.py): the recompute skips attention's forward, whose cost grows with
+T² while the kept bytes grow with T. The dry runs measure the layers that way; where no plan fits with them,
+the plan is made without.
 """
 from __future__ import annotations
 
@@ -63,6 +67,11 @@ GiB = 2**30
 # activations are 0.22 GiB each, and a GEMM of 8192 rows still runs at full speed.
 MLP_CHUNK_TOKENS = 8192
 INFEASIBLE = 1 << 62  # cost of a mode that did not even run in the dry measurement (out of memory)
+# Sequence length (tokens a row) from which checkpointed layers keep their attention outputs. Below it the
+# attention forward a recompute saves is small (8B shape at 2 x 2048: ~0.15 ms a layer) next to what keeping
+# costs: every op of the layer passes through a Python dispatch mode twice, a few microseconds each, on a step
+# whose GPU already waits on the CPU. At 8k the forward is ~1 ms a layer and rises with T²; 32k: ~17 ms.
+KEEP_ATTENTION_MIN_SEQ = 8192
 
 
 class MemoryBudgetError(ValueError):
@@ -98,10 +107,12 @@ class Plan:
     mlp_chunk: int | None = None  # tokens per MLP chunk (set_checkpointing's mlp_chunk) that it assumed
     host: int = 0  # bytes of layer inputs offloaded to host memory
     dense_layers: int = 0  # layers 0..dense_layers-1 keep their weights dequantized (counted in peak)
+    keep_attention: bool = False  # checkpointed layers keep their attention outputs (set_checkpointing's)
 
     def counts(self) -> str:
         counts = " ".join(f"{m}x{self.modes.count(m)}" for m in MODES if m in self.modes)
         counts += f", MLP in chunks of {self.mlp_chunk} tokens" if self.mlp_chunk else ""
+        counts += ", attention outputs kept" if self.keep_attention and self.modes.count("off") < len(self.modes) else ""
         return counts + (f", {self.dense_layers} layers' weights dequantized" if self.dense_layers else "")
 
     def __str__(self) -> str:
@@ -121,7 +132,8 @@ def predict_peak(modes: list[str], costs: list[LayerCosts], fixed: int, head: in
 
 
 def plan_checkpointing(costs: list[LayerCosts], fixed: int, head: int, dy: int, budget: int,
-                       reserve: int = 0, host_budget: int | None = None, dense: list[int] = ()) -> Plan:
+                       reserve: int = 0, host_budget: int | None = None, dense: list[int] = (),
+                       host_extra: int = 0) -> Plan:
     """The per-layer modes with the most off layers, then the most recompute layers, whose predicted peak
     fits `budget - reserve`; layout [offload...][recompute...][off...]. Raises MemoryBudgetError if none does.
     Then, `dense` giving the bytes of each layer's dequantized weights (layer 0 first), as many layers' as still
@@ -130,7 +142,8 @@ def plan_checkpointing(costs: list[LayerCosts], fixed: int, head: int, dy: int, 
     `host_budget`: bytes of host memory the offloaded inputs (dy bytes each) may take. At long context they are
     gigabytes a layer, and running out of host memory kills the process instead of raising: when the plan
     offloads too much, it trades off layers for recompute layers (one off layer's activations hold several
-    layers' inputs) until the host side fits."""
+    layers' inputs) until the host side fits. `host_extra`: pinned bytes an offloaded layer holds besides its
+    input (its attention outputs, with keep_attention)."""
     n, limit = len(costs), budget - reserve
 
     def peak(modes):
@@ -157,7 +170,7 @@ def plan_checkpointing(costs: list[LayerCosts], fixed: int, head: int, dy: int, 
                 modes = trial
         return modes
 
-    per_input = host_bytes(dy)  # what the HostOffloader pins for one input of dy bytes
+    per_input = host_bytes(dy) + host_extra  # what the HostOffloader pins for one offloaded layer
     modes = fill(n)
     max_off = modes.count("off")
     while host_budget is not None and modes.count("offload") * per_input > host_budget:
@@ -242,10 +255,18 @@ def estimate_head_bytes(config: ModelConfig, batch: int, seq: int, chunk_rows: i
 
 # --- measuring one real layer ------------------------------------------------------------------------------
 
-def measure_layer_costs(model, batch: int, seq: int) -> list[LayerCosts]:
+def attention_kept_bytes(config: ModelConfig, batch: int, seq: int, dtype_bytes: int = 2) -> list[int]:
+    """Bytes of what keep_attention keeps per layer, by tensor: the attention output [B, H, T, D] and its fp32
+    logsumexp [B, H, T] (the fused kernels' outputs; the RNG state beside them is a few bytes)."""
+    rows = batch * config.num_attention_heads * seq
+    return [rows * config.head_dim * dtype_bytes, rows * 4]
+
+
+def measure_layer_costs(model, batch: int, seq: int, keep_attention: bool = False) -> list[LayerCosts]:
     """Costs from a dry forward + backward of the first layer of each layer type, in each mode, on random
     inputs on the model's CUDA device. A mode that runs out of memory here is marked infeasible. Offloaded
-    layers get one more input's bytes in backward: the previous layer's input, prefetched meanwhile."""
+    layers get one more layer's stash in backward: the previous layer's input (and kept attention outputs),
+    prefetched meanwhile."""
     from minilora.models.common import AttentionInputs
 
     config, layers = model.config, model.model.layers
@@ -261,9 +282,11 @@ def measure_layer_costs(model, batch: int, seq: int) -> list[LayerCosts]:
                 layer(torch.zeros(batch, seq, config.hidden_size, device=device, dtype=dtype), inputs)
         except torch.OutOfMemoryError:
             pass  # the modes' own dry runs will say which ones fit
-        by_type[lt] = {m: _measure_mode(layer, m, inputs, (batch, seq, config.hidden_size), dtype, device)
-                       for m in MODES}
+        by_type[lt] = {m: _measure_mode(layer, m, inputs, (batch, seq, config.hidden_size), dtype, device,
+                                        keep_attention) for m in MODES}
         x = batch * seq * config.hidden_size * torch.finfo(dtype).bits // 8
+        if keep_attention:
+            x += sum(attention_kept_bytes(config, batch, seq, torch.finfo(dtype).bits // 8))
         off = by_type[lt]["offload"]
         by_type[lt]["offload"] = ModeCost(off.kept, off.forward, off.backward + x)
     model.zero_grad(set_to_none=True)
@@ -271,8 +294,9 @@ def measure_layer_costs(model, batch: int, seq: int) -> list[LayerCosts]:
     return [by_type[lt] for lt in config.layer_types]
 
 
-def _measure_mode(layer, mode: str, inputs, shape, dtype, device) -> ModeCost:
-    run = {"off": None, "recompute": LayerCheckpoint(), "offload": LayerCheckpoint(HostOffloader())}[mode]
+def _measure_mode(layer, mode: str, inputs, shape, dtype, device, keep_attention: bool = False) -> ModeCost:
+    run = {"off": None, "recompute": LayerCheckpoint(None, keep_attention),
+           "offload": LayerCheckpoint(HostOffloader(), keep_attention)}[mode]
     torch.cuda.synchronize(device)
     try:
         x_prev = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
@@ -381,7 +405,9 @@ def auto_checkpointing(model, batch: int, seq: int, budget: int | None = None, r
     workspaces, allocator rounding). The loss head's chunk size is chosen too: the largest of `chunk_sizes`
     (default: the loss's own default, then 1/4 and 1/16 of it) with which a plan fits; and, only if none does,
     the MLP in chunks of MLP_CHUNK_TOKENS tokens (`plan.mlp_chunk`, for set_checkpointing); `mlp_chunks`
-    replaces that list ([8192]: plan with chunks from the start, skipping the dry runs of the whole MLP)."""
+    replaces that list ([8192]: plan with chunks from the start, skipping the dry runs of the whole MLP).
+    On CUDA from KEEP_ATTENTION_MIN_SEQ tokens a row, each of those is tried first with keep_attention
+    (MINILORA_KEEP_ATTENTION=0 or 1 overrides the choice, for before/after runs)."""
     from minilora.loss import default_chunk_size
 
     device = model.lm_head.weight.device
@@ -404,12 +430,14 @@ def auto_checkpointing(model, batch: int, seq: int, budget: int | None = None, r
     keep_dense_layers(model, 0)  # plan from the NF4 weights alone: copies kept by an earlier plan go
     dense = [sum(m.nf4.shape.numel() * m.nf4.dtype.itemsize for m in layer.modules()
                  if isinstance(m, LoRALinear) and m.nf4 is not None) for layer in model.model.layers]
+    keeps = [True, False] if keep_attention_at(seq, cuda) else [False]
+    kept = attention_kept_bytes(model.config, batch, seq, torch.finfo(dtype).bits // 8)
     error = None
-    for mlp_chunk in mlp_chunks:
+    for mlp_chunk, keep in itertools.product(mlp_chunks, keeps):
         for layer in model.model.layers:  # the dry runs below measure the layers as they will run
             layer.mlp.chunk_tokens = mlp_chunk
         try:
-            costs = (measure_layer_costs(model, batch, seq) if cuda else
+            costs = (measure_layer_costs(model, batch, seq, keep) if cuda else
                      estimate_layer_costs(model.config, batch, seq, torch.finfo(dtype).bits // 8, r, mlp_chunk))
         finally:
             for layer in model.model.layers:
@@ -424,19 +452,31 @@ def auto_checkpointing(model, batch: int, seq: int, budget: int | None = None, r
             head = (measure_head_bytes(model, batch, seq, chunk) if cuda else
                     estimate_head_bytes(model.config, batch, seq, chunk, torch.finfo(dtype).bits // 8))
             try:
-                plan = plan_checkpointing(costs, fixed, head, dy, budget, reserve, host_budget, dense)
+                plan = plan_checkpointing(costs, fixed, head, dy, budget, reserve, host_budget, dense,
+                                          sum(host_bytes(n) for n in kept) if keep else 0)
             except MemoryBudgetError as e:
                 error = e
                 continue
-            plan.ce_chunk_size, plan.mlp_chunk = chunk, mlp_chunk
+            plan.ce_chunk_size, plan.mlp_chunk, plan.keep_attention = chunk, mlp_chunk, keep
             return plan
     raise error
 
 
+def keep_attention_at(seq: int, cuda: bool) -> bool:
+    """Whether plans at this sequence length try keep_attention: MINILORA_KEEP_ATTENTION=1/0, else on CUDA from
+    KEEP_ATTENTION_MIN_SEQ tokens (the CPU formula does not model it)."""
+    env = os.environ.get("MINILORA_KEEP_ATTENTION")
+    if env not in (None, "0", "1"):
+        raise ValueError(f"MINILORA_KEEP_ATTENTION={env!r}: expected 0 or 1")
+    if env is not None:
+        return env == "1" and cuda
+    return cuda and seq >= KEEP_ATTENTION_MIN_SEQ
+
+
 def apply_plan(model, plan: Plan) -> None:
-    """Checkpointing modes and MLP chunks as planned (`set_checkpointing`), and the dequantized weights of
+    """Checkpointing modes, MLP chunks and keep_attention as planned (`set_checkpointing`), and the dequantized weights of
     layers 0..plan.dense_layers-1 kept (every other layer's dropped)."""
-    set_checkpointing(model, plan.modes, plan.mlp_chunk)
+    set_checkpointing(model, plan.modes, plan.mlp_chunk, plan.keep_attention)
     keep_dense_layers(model, plan.dense_layers)
 
 

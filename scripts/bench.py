@@ -23,6 +23,7 @@ the LM head, P_layer one layer's, P_lora the adapters':
     + recompute 2N P_layer for each checkpointed layer
     + adapters 2N P_lora x (3: forward, input and weight gradients; +1 when recomputed)
     + attention 4 B nh D x (causal query-key pairs) per layer forward, x3 with backward, +1 when recomputed
+      (not with keep_attention: the recompute takes the kept outputs)
     + the MLP's forward once more when it runs in token chunks (--mlp_chunk, or --gc auto at long context)
 MFU = FLOPs / step_s / peak. Peak: `--peak_tflops`, default 989 (H100 SXM, dense bf16). Recompute is counted
 as work done, so checkpointed runs score a little higher than their tokens/s alone would say.
@@ -139,9 +140,10 @@ def causal_pairs(seq: int, window: int | None) -> int:
 
 
 def train_flops(config: ModelConfig, batch: int, seq: int, modes: list[str], r: int = 16,
-                mlp_chunk: int | None = None) -> float:
+                mlp_chunk: int | None = None, keep_attention: bool = False) -> float:
     """FLOPs of one training step under the model in the module docstring; modes: one per decoder layer.
-    An MLP in token chunks (mlp_chunk < batch x seq) recomputes its forward once more in backward."""
+    An MLP in token chunks (mlp_chunk < batch x seq) recomputes its forward once more in backward; with
+    keep_attention a checkpointed layer's recompute skips attention's forward."""
     c = config
     H, I, D, V = c.hidden_size, c.intermediate_size, c.head_dim, c.vocab_size
     nh, nkv, L = c.num_attention_heads, c.num_key_value_heads, c.num_hidden_layers
@@ -156,7 +158,7 @@ def train_flops(config: ModelConfig, batch: int, seq: int, modes: list[str], r: 
     for layer_type, mode in zip(c.layer_types, modes):
         window = c.sliding_window if layer_type == "sliding_attention" else None
         fwd = 4 * batch * nh * D * causal_pairs(seq, window)  # Q Kᵀ and P V
-        flops += fwd * (3 + (mode != "off"))
+        flops += fwd * (3 + (mode != "off" and not keep_attention))
     return float(flops)
 
 
@@ -279,13 +281,14 @@ def run(args) -> dict:
           flush=True)
 
     out = {}
-    chunk, mlp_chunk = args.ce_chunk, args.mlp_chunk
+    chunk, mlp_chunk, keep = args.ce_chunk, args.mlp_chunk, False
     if args.gc == "auto":
         budget = None if args.max_memory_gb is None else int(args.max_memory_gb * GiB)
         plan = auto_checkpointing(model, args.batch_size, args.seq_len, budget,
                                   mlp_chunks=None if mlp_chunk is None else [mlp_chunk], optim=args.optim)
         print(f"auto checkpointing: {plan}", flush=True)
         modes, chunk, mlp_chunk = plan.modes, chunk or plan.ce_chunk_size, mlp_chunk or plan.mlp_chunk
+        keep = plan.keep_attention
         out.update(budget_gb=plan.budget / GiB, predicted_peak_gb=plan.peak / GiB, dense_layers=plan.dense_layers)
         apply_plan(model, plan)
     else:
@@ -318,7 +321,7 @@ def run(args) -> dict:
     timed = data[args.warmup:]
     step = (statistics.mean if args.vary_len else statistics.median)(times[args.warmup:])
     tokens = statistics.mean(ids.numel() for ids, _ in timed)
-    flops = statistics.mean(train_flops(config, args.batch_size, ids.shape[1], modes, args.r, mlp_chunk)
+    flops = statistics.mean(train_flops(config, args.batch_size, ids.shape[1], modes, args.r, mlp_chunk, keep)
                             for ids, _ in timed)
     out.update(
         step_s=step, tok_s=tokens / step,
@@ -327,7 +330,7 @@ def run(args) -> dict:
         first_loss=losses[0], last_loss=losses[-1], load_s=load_s, trainable=sum(p.numel() for p in params),
         mfu=flops / step / (args.peak_tflops * 1e12), tflops=flops / step / 1e12, flops_per_step=flops,
         modes=" ".join(f"{m}x{modes.count(m)}" for m in ("off", "recompute", "offload") if m in modes),
-        ce_chunk=chunk, mlp_chunk=mlp_chunk, optim=args.optim, kernels=os.environ.get("MINILORA_TRITON", "1"),
+        ce_chunk=chunk, mlp_chunk=mlp_chunk, keep_attention=keep, optim=args.optim, kernels=os.environ.get("MINILORA_TRITON", "1"),
         sdpa=os.environ.get("MINILORA_SDPA", "torch"),
         device=torch.cuda.get_device_name(device) if cuda else "cpu", torch=torch.__version__,
     )

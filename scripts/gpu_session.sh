@@ -40,6 +40,9 @@
 #                                       # 8B budget curve (7/10/14/20 GB); profiles of the 8B step and of 32k at 14 GB
 #   bash scripts/gpu_session.sh part20  # (not yet run) batches of varying length (bench.py --vary_len), torch's SDPA pick (cuDNN)
 #                                       # against flash first: what a new length's cuDNN plan costs a run
+#   bash scripts/gpu_session.sh part21  # GPU tests of keep_attention; 32k at 14 GB with the attention outputs kept and
+#                                       # without (MINILORA_KEEP_ATTENTION=0); the 8B rows after the in-place MLP
+#                                       # backward; part20's varying lengths (8B); a 32k profile
 #   bash scripts/gpu_session.sh part0   # CPU self-test of this script (tiny model, no peers), any machine
 #   bash scripts/gpu_session.sh run NAME...   # only these jobs (e.g. the ones a part skipped for time)
 #   bash scripts/gpu_session.sh list          # every job, its part, expected seconds and command
@@ -250,6 +253,15 @@ part20 m_1b_vary        12  60 $B --preset llama-3.2-1b --batch_size 2 --seq_len
 part20 m_1b_vary_flash  12  60 MINILORA_SDPA=flash $B --preset llama-3.2-1b --batch_size 2 --seq_len 2048 --gc auto --warmup 3 --steps 40 --vary_len
 part20 m_8b_vary        25  80 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --warmup 3 --steps 40 --vary_len
 part20 m_8b_vary_flash  25  80 MINILORA_SDPA=flash $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --warmup 3 --steps 40 --vary_len
+part21 gputests        40 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_checkpointing.py tests/test_memory_policy.py -k cuda
+part21 kcheck          25  90 python3 tests/gpu_check_kernels.py
+part21 m_8b_32k_14gb   55 300 $B --preset llama-3.1-8b --batch_size 1 --seq_len 32768 --gc auto --max_memory_gb 14 $W
+part21 m_8b_32k_nokeep 55 300 MINILORA_KEEP_ATTENTION=0 $B --preset llama-3.1-8b --batch_size 1 --seq_len 32768 --gc auto --max_memory_gb 14 $W
+part21 m_8b_budget7    20 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 7 $W
+part21 m_8b_bs2        15 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
+part21 m_8b_vary       25  80 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --warmup 3 --steps 40 --vary_len
+part21 m_8b_vary_flash 25  80 MINILORA_SDPA=flash $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --warmup 3 --steps 40 --vary_len
+part21 m_8b_32k_profile 70 300 $B --preset llama-3.1-8b --batch_size 1 --seq_len 32768 --gc auto --max_memory_gb 14 $W --profile --profile_rows 16
 part4 h_8b_bs2        120 360 peer_run 8b --framework hf --bs 2 --seq 2048
 part4 h_1b_bs2         60 300 peer_run 1b --framework hf --bs 2 --seq 2048
 part4 m_qwen7b_bs2     40 240 $B --preset qwen2.5-7b --batch_size 2 --seq_len 2048 --gc auto $W
@@ -387,6 +399,8 @@ for job, r in rows:
         note = f"MINILORA_TRITON={r['kernels']} " + note
     if r.get("sdpa", "torch") != "torch":
         note = f"MINILORA_SDPA={r['sdpa']} " + note
+    if r.get("keep_attention"):
+        note = "attention kept " + note
     if r.get("predicted_peak_gb"):
         note = f"predicted {r['predicted_peak_gb']:.2f} " + note
     loss = f"{f(r.get('first_loss'), '.3f')}>{f(r.get('last_loss'), '.3f')}"

@@ -31,3 +31,14 @@ def test_train_flops_at_a_length_counts_its_causal_attention():
     short, long = train_flops(cfg, 1, 100, modes), train_flops(cfg, 1, 200, modes)
     # twice the tokens: twice the matmul FLOPs, ~four times the attention's
     assert 2 * short < long < 4 * short
+
+
+def test_train_flops_keep_attention_drops_the_recomputed_attention_forward():
+    """A checkpointed layer recomputes attention's forward (4 B nh D x causal pairs) unless keep_attention."""
+    cfg = preset_config("tiny")
+    L, T = cfg.num_hidden_layers, 100
+    att_fwd = 4 * cfg.num_attention_heads * cfg.head_dim * T * (T + 1) // 2
+    off, rec = train_flops(cfg, 1, T, ["off"] * L), train_flops(cfg, 1, T, ["recompute"] * L)
+    kept = train_flops(cfg, 1, T, ["recompute"] * L, keep_attention=True)
+    assert rec - kept == L * att_fwd
+    assert train_flops(cfg, 1, T, ["off"] * L, keep_attention=True) == off

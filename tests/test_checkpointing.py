@@ -130,15 +130,72 @@ def test_offload_spans_several_host_slabs():
     smaller input reuses the freed slabs instead of allocating."""
     offloader = HostOffloader(slab_bytes=2**21)
     x = torch.randn(3, 500_000)  # 6 MB: three 2 MiB slabs
-    st = offloader.stash(x)
+    st = offloader.stash([x])
     assert len(offloader.pool) == 3 and all(b.data.numel() == 2**21 for b in offloader.pool)
-    assert torch.equal(st.fetch(), x)
+    assert torch.equal(st.fetch()[0], x)
     del st
     y = torch.randn(2, 300_000).to(torch.bfloat16)  # 1.2 MB: one slab of the same 2 MiB class
-    st = offloader.stash(y)
+    st = offloader.stash([y])
     assert len(offloader.pool) == 3
-    assert torch.equal(st.fetch(), y)
+    assert torch.equal(st.fetch()[0], y)
     assert host_bytes(6_000_000, 2**21) == 3 * 2**21 and host_bytes(1_200_000, 2**21) == 2**21
+
+
+def test_offload_keeps_the_strides():
+    """A permuted tensor (attention's [B, H, T, D] view of [B, T, H, D] memory) comes back with its strides."""
+    offloader = HostOffloader(slab_bytes=2**21)
+    x, y = torch.randn(2, 5, 3, 4), torch.randn(7, 3)[::2]  # y: not dense (every other row)
+    st = offloader.stash([x.transpose(1, 2)])
+    st.add([y])
+    back = st.fetch()
+    assert torch.equal(back[0], x.transpose(1, 2)) and back[0].stride() == x.transpose(1, 2).stride()
+    assert torch.equal(back[1], y)
+
+
+class CountAttention(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the attention kernel ops that actually run (a replayed one never reaches this outer mode)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from minilora.checkpointing import ATTENTION_FORWARDS
+        self.calls += func in ATTENTION_FORWARDS
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("modes", MODES)
+def test_keep_attention_same_gradients_one_attention_forward(modes, packed, monkeypatch):
+    """keep_attention: loss and gradients as without checkpointing, and the recompute runs no attention kernel:
+    one attention op per layer in forward + backward, where plain recompute runs one more per checkpointed
+    layer. TAPE_HOST_MIN_BYTES = 0 sends even this tiny model's attention outputs to the host with offload."""
+    from minilora import checkpointing
+    monkeypatch.setattr(checkpointing, "TAPE_HOST_MIN_BYTES", 0)
+    model = tiny_model()
+    ids, pos = batch(packed)
+    ref = loss_and_grads(model, "off", ids, pos)
+    n_layers = LLAMA["num_hidden_layers"]
+    per_layer = [modes] * n_layers if isinstance(modes, str) else modes
+    calls = {}
+    for keep in (False, True):
+        set_checkpointing(model, modes, keep_attention=keep)
+        model.zero_grad(set_to_none=True)
+        with CountAttention() as count:
+            logits = model(ids, pos)
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, 97), ids[:, 1:].reshape(-1))
+            loss.backward()
+        got = loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        assert_same(f"keep_attention={keep} {modes} packed={packed}", got, ref)
+        calls[keep] = count.calls
+    checkpointed = sum(m != "off" for m in per_layer)
+    print(f"{modes} packed={packed}: attention ops run {calls[False]} recomputing, {calls[True]} keeping")
+    assert calls[False] == n_layers + checkpointed, "the CPU SDPA path should be one fused op per layer"
+    assert calls[True] == n_layers
+    if "offload" in per_layer:  # x, the attention output and its logsumexp: three host buffers per layer
+        pool = model.layer_runners[per_layer.index("offload")].offloader.pool
+        assert len(pool) == 3 * per_layer.count("offload")
 
 
 def test_frozen_embeddings_still_train_the_layers():
@@ -265,3 +322,28 @@ def test_cuda_offload_matches_off():
     for modes in MODES:
         assert_same(f"cuda {modes}", loss_and_grads(model, modes, ids, pos), ref, tol=1e-5)
     assert all(b.data.is_pinned() for b in model.layer_runners[1].offloader.pool)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: SDPA's fused GPU kernels")
+@pytest.mark.parametrize("backend", ["flash", "cudnn", "efficient"])
+@pytest.mark.parametrize("mode", ["recompute", "offload"])
+def test_cuda_keep_attention_each_backend(backend, mode):
+    """keep_attention with each fused GPU kernel (bf16, head_dim 64): the same gradients as recomputing, and
+    no attention op runs in the recompute (the logsumexp the no-grad forward would skip is asked for)."""
+    from torch.nn.attention import sdpa_kernel
+    from minilora.models.common import SDPA_BACKENDS
+    cfg = dict(LLAMA, hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+               max_position_embeddings=256)
+    model = tiny_model(cfg).bfloat16().cuda()
+    ids = batch(False, T=128)[0].cuda()
+    res = {}
+    for keep in (False, True):
+        set_checkpointing(model, mode, keep_attention=keep)
+        model.zero_grad(set_to_none=True)
+        with sdpa_kernel([SDPA_BACKENDS[backend]]), CountAttention() as count:
+            model(ids).float().square().mean().backward()
+        res[keep] = count.calls, {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+    n = LLAMA["num_hidden_layers"]
+    assert res[False][0] == 2 * n and res[True][0] == n, (res[False][0], res[True][0])
+    for name, g in res[False][1].items():
+        assert report(f"{backend} {mode} {name}", res[True][1][name], g)[0] <= 1e-2 * g.abs().max().item() + 1e-6

@@ -133,6 +133,33 @@ def test_host_budget_trades_off_layers_for_recompute():
     print(e.value)
 
 
+def test_host_extra_counts_kept_attention_outputs_per_offloaded_layer():
+    """keep_attention's outputs travel with each offloaded layer's input: host_extra bytes more per layer, so a
+    host budget that fits the inputs alone no longer fits, and the plan trades an off layer for recompute."""
+    budget = predict_peak(["offload"] * 6 + ["off"] * 6, UNIFORM, FIXED, HEAD, DY)
+    free = plan_at(UNIFORM, budget)
+    extra = host_bytes(DY)
+    kept = plan_checkpointing(UNIFORM, FIXED, HEAD, DY, budget, host_extra=extra)
+    assert kept.host == free.modes.count("offload") * 2 * host_bytes(DY) and kept.modes == free.modes
+    tight = plan_checkpointing(UNIFORM, FIXED, HEAD, DY, budget, host_budget=free.host, host_extra=extra)
+    print(free.counts(), "|", tight.counts())
+    assert tight.host <= free.host and tight.modes.count("off") < free.modes.count("off")
+
+
+def test_keep_attention_only_from_long_sequences_on_cuda(monkeypatch):
+    from minilora.memory_policy import KEEP_ATTENTION_MIN_SEQ, keep_attention_at
+    monkeypatch.delenv("MINILORA_KEEP_ATTENTION", raising=False)
+    assert keep_attention_at(KEEP_ATTENTION_MIN_SEQ, True) and not keep_attention_at(KEEP_ATTENTION_MIN_SEQ - 1, True)
+    assert not keep_attention_at(10**6, False)  # the CPU formula does not model it
+    monkeypatch.setenv("MINILORA_KEEP_ATTENTION", "0")
+    assert not keep_attention_at(10**6, True)
+    monkeypatch.setenv("MINILORA_KEEP_ATTENTION", "1")
+    assert keep_attention_at(16, True)
+    monkeypatch.setenv("MINILORA_KEEP_ATTENTION", "yes")
+    with pytest.raises(ValueError, match="MINILORA_KEEP_ATTENTION='yes'"):
+        keep_attention_at(16, True)
+
+
 def test_dense_weights_take_only_the_room_left():
     """Dequantized weights come after activations: the modes are those of the plan without them, and they fill
     the room left over layer by layer, never past the budget."""
@@ -323,16 +350,18 @@ def test_auto_plan_error_names_the_budget():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (memory is measured with torch.cuda)")
 @pytest.mark.parametrize("fraction", [0.0, 0.5, 1.0])
-def test_predicted_peak_matches_cuda(fraction):
-    """The plan's predicted peak against torch.cuda.max_memory_allocated of real steps (with AdamW)."""
+@pytest.mark.parametrize("B,T", [(2, 2048), (1, 8192)])
+def test_predicted_peak_matches_cuda(fraction, B, T):
+    """The plan's predicted peak against torch.cuda.max_memory_allocated of real steps (with AdamW); at 8192
+    tokens a row with the attention outputs kept (keep_attention)."""
     from minilora.loss import chunked_cross_entropy
     cfg = dict(LLAMA, vocab_size=32000, hidden_size=1024, intermediate_size=3584, num_hidden_layers=8,
-               num_attention_heads=8, num_key_value_heads=2)
+               num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=8192)
     model = tiny_qlora(cfg).cuda()
-    B, T = 2, 2048
     roomy = auto_checkpointing(model, B, T, budget=1000 * GiB, reserve=0)
     budget = int(roomy.lean + fraction * (roomy.full - roomy.lean)) + 16 * MiB  # + measurement jitter
     plan = auto_checkpointing(model, B, T, budget=budget, reserve=0)
+    assert plan.keep_attention == (T >= 8192)
     apply_plan(model, plan)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], fused=True)
     ids = torch.randint(0, cfg["vocab_size"], (B, T), device="cuda")
