@@ -25,7 +25,7 @@ Why fuse: torch's composition is 6 kernels a tensor forward (mul, chunk's neg, c
 copies x twice) and about as many in the backward, each reading and writing a [B, T, heads, D] tensor. Saved
 memory is not the gain: autograd of the composition keeps only (views of) cos and sin, as this Function does.
 
-`rope` is the one entry point: RopeFunction for CUDA tensors (unless MINILORA_TRITON leaves out "rope", see
+`rope` is the entry point (`rope_qk` for q and k together): RopeFunction for CUDA tensors (unless MINILORA_TRITON leaves out "rope", see
 kernels/__init__.py), `rope_reference` (autograd through torch) elsewhere and for the cases the kernel does not
 cover (see `_fusable`).
 """
@@ -62,11 +62,14 @@ def _round(x, DTYPE: tl.constexpr):
 @triton.jit
 def _rope_kernel(
     x_ptr,  # [B, T, H, D] x.dtype, unit stride on D: x forward, dy backward
+    x2_ptr,  # [B, T, H2, D] x.dtype, unit stride on D: a second tensor (k beside q), or x again with H2 = 0
     cos_ptr,  # [B, T, D] x.dtype, unit stride on D (stride 0 on B when expanded)
     sin_ptr,  # [B, T, D]
     y_ptr,  # [B, T, H, D] contiguous, x.dtype: y forward, dx backward
-    T, H, half,
+    y2_ptr,  # [B, T, H2, D] contiguous: the second tensor's
+    T, H, H2, half,
     sx_b, sx_t, sx_h,  # x's strides
+    sx2_b, sx2_t, sx2_h,  # x2's strides
     sc_b, sc_t, ss_b, ss_t,  # cos's and sin's strides
     BACKWARD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
@@ -85,20 +88,24 @@ def _rope_kernel(
         u1, u2 = s2, -s1
     else:  # out1 = a1 c1 - a2 s1, out2 = a2 c2 + a1 s2
         u1, u2 = -s1, s2
-    x_row = x_ptr + b * sx_b + t * sx_t
-    y_row = y_ptr + row * H * 2 * half
-    for h0 in range(0, H, BLOCK_H):
+    x_row, x2_row = x_ptr + b * sx_b + t * sx_t, x2_ptr + b * sx2_b + t * sx2_t
+    y_row, y2_row = y_ptr + row * H * 2 * half, y2_ptr + row * H2 * 2 * half
+    # heads 0..H-1 are x's, H..H+H2-1 are x2's: one loop over both, each head's pointers picked per lane
+    for h0 in range(0, H + H2, BLOCK_H):
         heads = (h0 + tl.arange(0, BLOCK_H)).to(tl.int64)  # [BLOCK_H]
-        mask = (heads < H)[:, None] & col_mask[None, :]  # [BLOCK_H, BLOCK_HALF]
-        x_offs = heads[:, None] * sx_h + cols[None, :]
-        a1 = tl.load(x_row + x_offs, mask=mask, other=0.0).to(tl.float32)
-        a2 = tl.load(x_row + half + x_offs, mask=mask, other=0.0).to(tl.float32)
+        first = heads < H
+        h2 = tl.where(first, 0, heads - H)
+        mask = (heads < H + H2)[:, None] & col_mask[None, :]  # [BLOCK_H, BLOCK_HALF]
+        src = tl.where(first[:, None], x_row + heads[:, None] * sx_h, x2_row + h2[:, None] * sx2_h) + cols[None, :]
+        a1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+        a2 = tl.load(src + half, mask=mask, other=0.0).to(tl.float32)
         # torch's roundings: each product, then the sum (negating is exact and commutes with rounding)
         out1 = _round(_round(a1 * c1, DTYPE) + _round(a2 * u1, DTYPE), DTYPE)
         out2 = _round(_round(a2 * c2, DTYPE) + _round(a1 * u2, DTYPE), DTYPE)
-        y_offs = heads[:, None] * (2 * half) + cols[None, :]
-        tl.store(y_row + y_offs, out1.to(DTYPE), mask=mask)  # exact: out is already DTYPE-representable
-        tl.store(y_row + half + y_offs, out2.to(DTYPE), mask=mask)
+        dst = tl.where(first[:, None], y_row + heads[:, None] * (2 * half), y2_row + h2[:, None] * (2 * half))
+        dst += cols[None, :]
+        tl.store(dst, out1.to(DTYPE), mask=mask)  # exact: out is already DTYPE-representable
+        tl.store(dst + half, out2.to(DTYPE), mask=mask)
 
 
 def _check(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
@@ -126,15 +133,23 @@ def _fusable(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
             and not (cos.requires_grad or sin.requires_grad))
 
 
-def _launch(a: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool, block_h: int | None):
-    _check(a, cos, sin)
-    if not _fusable(a, cos, sin):
-        raise ValueError(f"kernels/rope.py: the kernel needs full rotary (cos/sin last dim {cos.shape[-1]} == "
-                         f"head_dim {a.shape[-1]}), x, cos, sin of one dtype in {DTYPES} (got {a.dtype}, "
-                         f"{cos.dtype}, {sin.dtype}) and cos/sin without grad; `rope` takes the reference then")
-    B, T, H, D = a.shape
-    if a.stride(-1) != 1:  # e.g. the expanded dy of y.sum(); other strides the kernel takes as they are
-        a = a.contiguous()
+def _launch(xs: list[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor, backward: bool,
+            block_h: int | None) -> list[torch.Tensor]:
+    """One kernel launch for one or two tensors [B, T, H_i, D] (q and k) rotated by the same cos/sin."""
+    for a in xs:
+        _check(a, cos, sin)
+        if not _fusable(a, cos, sin):
+            raise ValueError(f"kernels/rope.py: the kernel needs full rotary (cos/sin last dim {cos.shape[-1]} == "
+                             f"head_dim {a.shape[-1]}), x, cos, sin of one dtype in {DTYPES} (got {a.dtype}, "
+                             f"{cos.dtype}, {sin.dtype}) and cos/sin without grad; `rope` takes the reference then")
+    if len(xs) == 2 and (xs[0].shape[:2] != xs[1].shape[:2] or xs[0].shape[3] != xs[1].shape[3]
+                         or xs[0].dtype != xs[1].dtype):
+        raise ValueError(f"kernels/rope.py: q and k must share batch, length, head_dim and dtype, got "
+                         f"{list(xs[0].shape)} {xs[0].dtype} and {list(xs[1].shape)} {xs[1].dtype}")
+    # unit stride on D: e.g. the expanded dy of y.sum() is not; other strides the kernel takes as they are
+    xs = [a if a.stride(-1) == 1 else a.contiguous() for a in xs]
+    B, T, H, D = xs[0].shape
+    H2 = xs[1].shape[2] if len(xs) == 2 else 0
     cos, sin = cos.expand(B, T, D), sin.expand(B, T, D)  # a batch of 1: stride 0 on B, no copy
     if cos.stride(-1) != 1:
         cos = cos.contiguous()
@@ -142,15 +157,16 @@ def _launch(a: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: boo
         sin = sin.contiguous()
     block_half = triton.next_power_of_2(D // 2)
     if block_h is None:
-        block_h = min(triton.next_power_of_2(H), max(1, ELEMS_PER_ITER // (2 * block_half)))
-    out = torch.empty(B, T, H, D, dtype=a.dtype, device=a.device)
-    if out.numel():
+        block_h = min(triton.next_power_of_2(H + H2), max(1, ELEMS_PER_ITER // (2 * block_half)))
+    outs = [torch.empty(a.shape, dtype=a.dtype, device=a.device) for a in xs]
+    x2, y2 = (xs[1], outs[1]) if H2 else (xs[0], outs[0])  # no second tensor: H2 = 0 heads of x again
+    if outs[0].numel() or H2 and outs[1].numel():
         _rope_kernel[(B * T,)](
-            a, cos, sin, out, T, H, D // 2, a.stride(0), a.stride(1), a.stride(2),
+            xs[0], x2, cos, sin, outs[0], y2, T, H, H2, D // 2, *xs[0].stride()[:3], *x2.stride()[:3],
             cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
             BACKWARD=backward, BLOCK_H=block_h, BLOCK_HALF=block_half,
             num_warps=NUM_WARPS, enable_fp_fusion=False)
-    return out
+    return outs
 
 
 def rope_forward_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -158,13 +174,13 @@ def rope_forward_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     """y = x * cos + rotate_half(x) * sin by the kernel (CUDA tensors; CPU ones under TRITON_INTERPRET=1), no
     autograd. x [B, T, H, D]; cos/sin [B or 1, T, D]; y a new contiguous [B, T, H, D]. block_h: heads an
     iteration (a power of 2), for tests."""
-    return _launch(x, cos, sin, False, block_h)
+    return _launch([x], cos, sin, False, block_h)[0]
 
 
 def rope_backward_triton(dy: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                          block_h: int | None = None) -> torch.Tensor:
     """dx = dy * cos + rotate_half^T(dy * sin), a new contiguous [B, T, H, D]; dy may have any strides."""
-    return _launch(dy, cos, sin, True, block_h)
+    return _launch([dy], cos, sin, True, block_h)[0]
 
 
 class RopeFunction(torch.autograd.Function):
@@ -183,6 +199,24 @@ class RopeFunction(torch.autograd.Function):
         return (rope_backward_triton(dy, cos, sin) if ctx.needs_input_grad[0] else None), None, None
 
 
+class RopeQKFunction(torch.autograd.Function):
+    """RoPE of q and k in one launch each way (the same cos/sin): one kernel and one autograd node a layer
+    instead of two. The GPU work is the same; what it saves is the CPU's: the 8B step at 2 x 2048 waits ~25 ms
+    of its ~245 on kernel launches, longest of all between the q/k/v GEMMs and RoPE (issue 6 profile)."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        ctx.save_for_backward(cos, sin)
+        return tuple(_launch([q, k], cos, sin, False, None))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dq: torch.Tensor, dk: torch.Tensor):
+        cos, sin = ctx.saved_tensors  # (an output unused downstream comes as zeros: materialize_grads)
+        dq, dk = _launch([dq, dk], cos, sin, True, None)
+        return dq, dk, None, None
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -197,6 +231,16 @@ def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
         return x * cos + _rotate_half(x) * sin
     xr, xp = x[..., :d], x[..., d:]
     return torch.cat((xr * cos + _rotate_half(xr) * sin, xp), dim=-1)
+
+
+def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """(rope(q, cos, sin), rope(k, cos, sin)) for q [B, T, H, D] and k [B, T, K, D]: one RopeQKFunction on CUDA
+    (one kernel each way), else each through `rope`."""
+    _check(q, cos, sin)
+    _check(k, cos, sin)
+    if use_triton(q, "rope") and _fusable(q, cos, sin) and _fusable(k, cos, sin) and q.dtype == k.dtype:
+        return RopeQKFunction.apply(q, k, cos, sin)
+    return rope(q, cos, sin), rope(k, cos, sin)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

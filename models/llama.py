@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from minilora.config import ModelConfig
-from minilora.kernels.rope import rope
+from minilora.kernels.rope import rope_qk
 from minilora.lora import project
 from minilora.models.common import AttentionInputs, GatedMLP, KVCache, RMSNorm, attention
 
@@ -43,9 +43,9 @@ class Attention(nn.Module):
         if self.config.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = inputs.cos_sin[self.layer_type]
-        # kernels/rope.py: one fused kernel on CUDA instead of rotate-half's cat, two muls and an add
-        q = rope(q, cos, sin).transpose(1, 2)  # [B, H, T, D]
-        k = rope(k, cos, sin).transpose(1, 2)  # [B, K, T, D]
+        # kernels/rope.py: on CUDA one fused kernel for q and k instead of rotate-half's cat, two muls and an add
+        q, k = rope_qk(q, k, cos, sin)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, T, D], [B, K, T, D]
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # [B, K, S, D]
         y = attention(q, k, v, inputs.masks[self.layer_type], self.config.attn_scale,

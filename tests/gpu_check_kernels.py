@@ -18,7 +18,7 @@ from minilora.config import ModelConfig
 from minilora.kernels.cross_entropy import ce_loss_and_grad_reference_, ce_loss_and_grad_triton_, ce_loss_triton
 from minilora.kernels.gated_act import GatedActFunction, gated_act_reference
 from minilora.kernels.rmsnorm import RMSNormFunction, rmsnorm_reference
-from minilora.kernels.rope import RopeFunction, rope_reference
+from minilora.kernels.rope import RopeFunction, RopeQKFunction, rope_reference
 from minilora.lora import GatedLoRAFunction, LoRAFunction, LoRALinear
 from minilora.models.common import rope_cos_sin
 from minilora.optim import AdamW8bit
@@ -89,6 +89,12 @@ def main():
             compare(f"rope [2, 2048, {heads}, 128] {dtype}",
                     outputs_and_grads(lambda x: RopeFunction.apply(x, cos, sin), [q]),
                     outputs_and_grads(lambda x: rope_reference(x, cos, sin), [q]), dtype)
+        # q and k in one launch (what the model runs): both outputs joined, as one tensor for the comparison
+        q, k = (torch.randn(2, 2048, h, 128, generator=g, device=dev).to(dtype) for h in (32, 8))
+        compare(f"rope q+k [2, 2048, 32+8, 128] {dtype}",
+                outputs_and_grads(lambda q, k: torch.cat(RopeQKFunction.apply(q, k, cos, sin), 2), [q, k]),
+                outputs_and_grads(lambda q, k: torch.cat([rope_reference(q, cos, sin), rope_reference(k, cos, sin)],
+                                                         2), [q, k]), dtype)
         for cap in (None, 30.0):  # the loss head: 1024 rows of Llama 3's vocabulary
             z = torch.randn(1024, 128256, generator=g, device=dev).mul_(4).to(dtype)
             y = torch.randint(0, 128256, (1024,), generator=g, device=dev)

@@ -16,7 +16,7 @@ import torch
 
 from conftest import report, run_interpreted
 from minilora.config import ModelConfig
-from minilora.kernels.rope import RopeFunction, _fusable, rope, rope_forward_triton, rope_reference
+from minilora.kernels.rope import RopeFunction, _fusable, rope, rope_forward_triton, rope_qk, rope_reference
 from minilora.models.common import rope_cos_sin
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -111,6 +111,19 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
         x, cos, sin, dy = special_inputs(dt)
         out[f"special-{dt}"] = grads(K.RopeFunction.apply, x, cos, sin, dy)
 
+    # q and k in one launch each way (RopeQKFunction): k with other heads (GQA, one head: MQA) and strides
+    for name in CASES:
+        x, cos, sin, dy = inputs(name)
+        for n_k in (1, 2):
+            k = x[:, :, :n_k].contiguous() * 0.5 + 1  # [B, T, n_k, D]
+            dk = dy[:, :, -n_k:]  # strided: a view of dy's last heads
+            q_, k_ = x.clone().requires_grad_(), k.clone().requires_grad_()
+            yq, yk = K.RopeQKFunction.apply(q_, k_, cos, sin)
+            gq, gk = torch.autograd.grad((yq, yk), (q_, k_), (dy, dk))
+            out[f"qk-{name}-{n_k}"] = (yq.detach(), yk.detach(), gq, gk)
+            for block_h in (1, 2):  # head blocks that straddle q's last heads and k's first
+                out[f"qk-{name}-{n_k}-b{block_h}"] = K._launch([x, k], cos, sin, False, block_h)
+
     # y.sum().backward() hands the backward an expanded dy, stride 0 everywhere
     x, cos, sin, _ = inputs("float32-2x5x4x16-shared")
     x = x.clone().requires_grad_()
@@ -156,6 +169,32 @@ def test_triton_matches_reference(triton_out, name):
     exact = rope_reference(x.double(), cos.double(), sin.double())
     mx, _ = report(f"{name} y vs fp64 of the same inputs", res["y"], exact)
     assert mx <= 4 * torch.finfo(x.dtype).eps * exact.abs().max().item()
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_q_and_k_in_one_launch_match_reference(triton_out, name):
+    """RopeQKFunction: q and k (1 or 2 heads, strided gradients) rotated in one launch, bitwise the reference's
+    outputs and input gradients, whatever block of heads straddles the two tensors."""
+    x, cos, sin, dy = inputs(name)
+    for n_k in (1, 2):
+        k = x[:, :, :n_k].contiguous() * 0.5 + 1
+        yq, yk, gq, gk = triton_out[f"qk-{name}-{n_k}"]
+        for what, ours, ref in zip(("q", "k"), ((yq, gq), (yk, gk)),
+                                   (grads(rope_reference, x, cos, sin, dy),
+                                    grads(rope_reference, k, cos, sin, dy[:, :, -n_k:]))):
+            equal(f"{name} {n_k} {what} y", ours[0], ref[0])
+            equal(f"{name} {n_k} {what} dx", ours[1], ref[1])
+        for block_h in (1, 2):
+            bq, bk = triton_out[f"qk-{name}-{n_k}-b{block_h}"]
+            assert torch.equal(bq, yq) and torch.equal(bk, yk), block_h
+
+
+def test_rope_qk_on_cpu_is_the_reference_twice():
+    x, cos, sin, dy = inputs("float32-2x5x4x16-shared")
+    q, k = rope_qk(x, x[:, :, :2] * 2, cos, sin)
+    assert torch.equal(q, rope_reference(x, cos, sin)) and torch.equal(k, rope_reference(x[:, :, :2] * 2, cos, sin))
+    with pytest.raises(ValueError, match=r"kernels/rope.py.*\[1 or 1, 7, d\]|do not fit"):
+        rope_qk(x, x[:, :3], cos, sin)  # k of another length
 
 
 @pytest.mark.parametrize("dt", DTYPES)
