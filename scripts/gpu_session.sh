@@ -41,8 +41,8 @@
 #   bash scripts/gpu_session.sh part20  # (not yet run) batches of varying length (bench.py --vary_len), torch's SDPA pick (cuDNN)
 #                                       # against flash first: what a new length's cuDNN plan costs a run
 #   bash scripts/gpu_session.sh part21  # GPU tests of keep_attention; 32k at 14 GB with the attention outputs kept and
-#                                       # without (MINILORA_KEEP_ATTENTION=0); the 8B rows after the in-place MLP
-#                                       # backward; part20's varying lengths (8B); a 32k profile
+#                                       # without (MINILORA_KEEP_ATTENTION=0); the 8B rows and budget curve after the
+#                                       # in-place MLP backward and q+k RoPE; part20's varying lengths (8B); a 32k profile
 #   bash scripts/gpu_session.sh part0   # CPU self-test of this script (tiny model, no peers), any machine
 #   bash scripts/gpu_session.sh run NAME...   # only these jobs (e.g. the ones a part skipped for time)
 #   bash scripts/gpu_session.sh list          # every job, its part, expected seconds and command
@@ -259,6 +259,10 @@ part21 m_8b_32k_14gb   55 300 $B --preset llama-3.1-8b --batch_size 1 --seq_len 
 part21 m_8b_32k_nokeep 55 300 MINILORA_KEEP_ATTENTION=0 $B --preset llama-3.1-8b --batch_size 1 --seq_len 32768 --gc auto --max_memory_gb 14 $W
 part21 m_8b_budget7    20 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 7 $W
 part21 m_8b_bs2        15 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
+part21 m_8b_budget10   18 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 10 $W
+part21 m_8b_budget14   18 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 14 $W
+part21 m_8b_budget20   18 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 20 $W
+part21 m_1b_bs2        17 180 $B --preset llama-3.2-1b --batch_size 2 --seq_len 2048 --gc auto $W
 part21 m_8b_vary       25  80 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --warmup 3 --steps 40 --vary_len
 part21 m_8b_vary_flash 25  80 MINILORA_SDPA=flash $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --warmup 3 --steps 40 --vary_len
 part21 m_8b_32k_profile 70 300 $B --preset llama-3.1-8b --batch_size 1 --seq_len 32768 --gc auto --max_memory_gb 14 $W --profile --profile_rows 16
