@@ -43,6 +43,8 @@
 #   bash scripts/gpu_session.sh part21  # GPU tests of keep_attention; 32k at 14 GB with the attention outputs kept and
 #                                       # without (MINILORA_KEEP_ATTENTION=0); the 8B rows and budget curve after the
 #                                       # in-place MLP backward and q+k RoPE; part20's varying lengths (8B); a 32k profile
+#   bash scripts/gpu_session.sh part22  # issue 6's whole table in one call: every minilora row and every peer row
+#                                       # (Unsloth's two modes, HF+PEFT); ~590 s: a fresh machine, DEADLINE_S=595
 #   bash scripts/gpu_session.sh part0   # CPU self-test of this script (tiny model, no peers), any machine
 #   bash scripts/gpu_session.sh run NAME...   # only these jobs (e.g. the ones a part skipped for time)
 #   bash scripts/gpu_session.sh list          # every job, its part, expected seconds and command
@@ -266,6 +268,21 @@ part21 m_1b_bs2        17 180 $B --preset llama-3.2-1b --batch_size 2 --seq_len 
 part21 m_8b_vary       25  80 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --warmup 3 --steps 40 --vary_len
 part21 m_8b_vary_flash 25  80 MINILORA_SDPA=flash $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --warmup 3 --steps 40 --vary_len
 part21 m_8b_32k_profile 70 300 $B --preset llama-3.1-8b --batch_size 1 --seq_len 32768 --gc auto --max_memory_gb 14 $W --profile --profile_rows 16
+part22 p_make_bg         1  10 peer_make_bg 8b 1b
+part22 m_8b_32k_14gb    50 300 $B --preset llama-3.1-8b --batch_size 1 --seq_len 32768 --gc auto --max_memory_gb 14 $W
+part22 p_make_wait       5 120 peer_make_wait 8b 1b
+part22 m_8b_bs2         12 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
+part22 m_8b_budget7     13 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 7 $W
+part22 m_1b_bs2         15 180 $B --preset llama-3.2-1b --batch_size 2 --seq_len 2048 --gc auto $W
+part22 m_1b_bs8         11 180 $B --preset llama-3.2-1b --batch_size 8 --seq_len 2048 --gc auto $W
+part22 u_8b_32k        115 360 peer_run 8b --framework unsloth --bs 1 --seq 32768
+part22 u_8b_bs2         70 300 peer_run 8b --framework unsloth --bs 2 --seq 2048
+part22 u_8b_bs2_gcoff   55 300 peer_run 8b --framework unsloth --bs 2 --seq 2048 --gc off
+part22 u_1b_bs2         55 300 peer_run 1b --framework unsloth --bs 2 --seq 2048
+part22 u_1b_bs2_gcoff   42 300 peer_run 1b --framework unsloth --bs 2 --seq 2048 --gc off
+part22 u_1b_bs8         48 300 peer_run 1b --framework unsloth --bs 8 --seq 2048
+part22 h_8b_bs2         36 300 peer_run 8b --framework hf --bs 2 --seq 2048
+part22 h_1b_bs2         20 240 peer_run 1b --framework hf --bs 2 --seq 2048
 part4 h_8b_bs2        120 360 peer_run 8b --framework hf --bs 2 --seq 2048
 part4 h_1b_bs2         60 300 peer_run 1b --framework hf --bs 2 --seq 2048
 part4 m_qwen7b_bs2     40 240 $B --preset qwen2.5-7b --batch_size 2 --seq_len 2048 --gc auto $W
