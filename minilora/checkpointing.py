@@ -153,6 +153,7 @@ class _AttentionTape(TorchDispatchMode):
     differently under grad) just runs: correct, only not saved. Every other op runs as it is."""
 
     def __init__(self):
+        super().__init__()
         self.records: list[tuple] = []  # [(op, outputs)]
         self.replaying = False
         self.on_host: list[tuple[int, int]] = []  # (record, output) positions that move_to gave a stash
