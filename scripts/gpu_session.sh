@@ -269,7 +269,7 @@ part21 m_8b_vary       25  80 $B --preset llama-3.1-8b --batch_size 2 --seq_len 
 part21 m_8b_vary_flash 25  80 MINILORA_SDPA=flash $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --warmup 3 --steps 40 --vary_len
 part21 m_8b_32k_profile 70 300 $B --preset llama-3.1-8b --batch_size 1 --seq_len 32768 --gc auto --max_memory_gb 14 $W --profile --profile_rows 16
 part22 p_make_bg         1  10 peer_make_bg 8b 1b
-part22 m_8b_32k_14gb    50 300 $B --preset llama-3.1-8b --batch_size 1 --seq_len 32768 --gc auto --max_memory_gb 14 $W
+part22 m_8b_32k_14gb    50 300 $B --preset llama-3.1-8b --batch_size 1 --seq_len 32768 --gc auto --max_memory_gb 14 $W || MINILORA_KEEP_ATTENTION=0 $B --preset llama-3.1-8b --batch_size 1 --seq_len 32768 --gc auto --max_memory_gb 14 $W
 part22 p_make_wait       5 120 peer_make_wait 8b 1b
 part22 m_8b_bs2         12 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
 part22 m_8b_budget7     13 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 7 $W
