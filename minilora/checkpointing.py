@@ -42,6 +42,7 @@ state is restored too.
 from __future__ import annotations
 
 import contextlib
+import warnings
 import weakref
 
 import torch
@@ -180,6 +181,8 @@ class _AttentionTape(TorchDispatchMode):
         recorded = self.records[self.pos] if self.pos < len(self.records) else (None, None)
         self.pos += 1
         if recorded[0] is not func:
+            warnings.warn(f"keep_attention: the recompute runs {func} where the forward ran {recorded[0]}; attention "
+                          f"is computed again (correct, but the saving is lost)")
             return func(*args, **kwargs)
         return tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in recorded[1])
 
