@@ -346,15 +346,17 @@ class HostOffloader:
 
     def _acquire(self, nbytes: int, device: torch.device) -> list[_HostBuffer]:
         """ceil(nbytes / size) free pooled buffers of this input's size class, allocating what is missing.
-        Free buffers of other size classes are released first when new memory is needed, so the pool follows
-        the workload instead of growing with every sequence length it has seen."""
+        Free buffers of other size classes below a slab are released first when new memory is needed, so the
+        pool follows the workload instead of growing with every sequence length it has seen. Free slabs stay:
+        every tensor above a slab uses them whatever its length (a layer's input and attention output beside
+        a logsumexp of a smaller class that changes with the length)."""
         size = host_piece(nbytes, self.slab_bytes)
         count = -(-nbytes // size)
         free = [b for b in self.pool if b.owner is None or b.owner() is None]
         fits = [b for b in free if b.data.numel() == size][:count]
         if len(fits) < count:
             self.pool = [b for b in self.pool if b in fits or not (b.owner is None or b.owner() is None)
-                         or b.data.numel() == size]
+                         or b.data.numel() in (size, self.slab_bytes)]
             pin = device.type == "cuda"
             new = [_HostBuffer(torch.empty(size, dtype=torch.uint8, pin_memory=pin)) for _ in range(count - len(fits))]
             self.pool += new

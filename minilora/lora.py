@@ -197,7 +197,7 @@ class GatedLoRAFunction(torch.autograd.Function):
         saved = (None, *lora) if lora else None  # h is not kept: the activation's backward below remakes it
         dh, _, dyb = _lora_input_grad(dy, ctx.base, saved, ctx.scale, True, need_g or need_u, False)
         dg = du = h = None
-        inplace = ctx.overwrite and dh is not None and dh.is_contiguous()
+        inplace = ctx.overwrite and dh is not None and all(t.is_contiguous() for t in (dh, g, u))
         ctx.spent = inplace
         if dh is not None and need_A:  # dA reads h: the backward kernel writes it beside dg and du
             dg, du, h = gated_act_backward_triton(dh, g, u, ctx.activation, store_h=True, inplace=inplace)

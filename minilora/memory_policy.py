@@ -430,7 +430,8 @@ def auto_checkpointing(model, batch: int, seq: int, budget: int | None = None, r
     keep_dense_layers(model, 0)  # plan from the NF4 weights alone: copies kept by an earlier plan go
     dense = [sum(m.nf4.shape.numel() * m.nf4.dtype.itemsize for m in layer.modules()
                  if isinstance(m, LoRALinear) and m.nf4 is not None) for layer in model.model.layers]
-    keeps = [True, False] if keep_attention_at(seq, cuda) else [False]
+    # soft-capped attention (Gemma 2) is computed explicitly, not by a fused kernel: nothing to keep
+    keeps = [True, False] if keep_attention_at(seq, cuda) and model.config.attn_logit_softcapping is None else [False]
     kept = attention_kept_bytes(model.config, batch, seq, torch.finfo(dtype).bits // 8)
     error = None
     for mlp_chunk, keep in itertools.product(mlp_chunks, keeps):
