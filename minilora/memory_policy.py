@@ -267,13 +267,14 @@ def measure_layer_costs(model, batch: int, seq: int, keep_attention: bool = Fals
     inputs on the model's CUDA device. A mode that runs out of memory here is marked infeasible. Offloaded
     layers get one more layer's stash in backward: the previous layer's input (and kept attention outputs),
     prefetched meanwhile."""
-    from minilora.models.common import AttentionInputs
+    from minilora.models.common import AttentionInputs, sdpa_priority
 
     config, layers = model.config, model.model.layers
     device = model.lm_head.weight.device
     dtype = model.model.embed_tokens.weight.dtype
     ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
     inputs = AttentionInputs(config, ids, None, None, dtype)
+    inputs.sdpa_order = sdpa_priority()  # measure with the backends of the steady state, not a first forward's
     by_type = {}
     for lt in dict.fromkeys(config.layer_types):
         layer = layers[config.layer_types.index(lt)]

@@ -68,38 +68,56 @@ SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_
                  "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 
 
-def sdpa_priority() -> list[SDPBackend] | None:
-    """The order in which SDPA tries its CUDA backends on the plain causal path, first choice from MINILORA_SDPA
-    (flash, cudnn, efficient or math; unset or `torch`: torch's own order, untouched). A backend that cannot take
-    the inputs is skipped for the next, so a first choice never turns into an error.
+def _first(name: str) -> list[SDPBackend]:
+    first = SDPA_BACKENDS[name]
+    return [first, *(b for b in SDPA_BACKENDS.values() if b != first)]
 
-    torch's own order is the default because it is the fastest at fixed shapes: torch 2.11 runs cuDNN on an H200
-    (sm90, cuDNN 9.19), which takes 0.63 ms for forward + backward of the 8B shape's attention at 2 x 2048 against
-    flash's 1.10, and 57 ms against 95 at 32k (scripts/bench_attention.py); the 8B step at 2 x 2048 ran 16,709
-    tok/s against 15,930 with flash first (issue 6, one device call). cuDNN builds a plan for every new sequence
-    length, though: ~110-145 ms on the first call at a length, against ~1 ms for flash. With batches of many
-    different lengths and few steps, MINILORA_SDPA=flash can be the faster choice."""
+
+def sdpa_priority() -> list[SDPBackend] | None:
+    """The order MINILORA_SDPA asks for (flash, cudnn, efficient or math first, then the rest); None when it is
+    unset or `torch`: `sdpa_order` decides then. A backend that cannot take the inputs is skipped for the next,
+    so a first choice never turns into an error."""
     name = os.environ.get("MINILORA_SDPA", "torch")
     if name == "torch":
         return None
     if name not in SDPA_BACKENDS:
         raise ValueError(f"MINILORA_SDPA={name!r}: choose one of {sorted(SDPA_BACKENDS)} or 'torch'")
-    first = SDPA_BACKENDS[name]
-    return [first, *(b for b in SDPA_BACKENDS.values() if b != first)]
+    return _first(name)
 
 
-def _sdpa_backends(q: torch.Tensor):
-    order = sdpa_priority() if q.is_cuda else None
-    return contextlib.nullcontext() if order is None else sdpa_kernel(order, set_priority=True)
+# (batch, length, device) of the plain causal path -> forward passes seen at it (sdpa_order's memory)
+_FORWARDS_AT_SHAPE: dict[tuple, int] = {}
 
 
-def attention(q, k, v, mask, scale: float, softcap: float | None = None):
+def sdpa_order(batch: int, length: int, device: torch.device) -> list[SDPBackend] | None:
+    """The order in which SDPA tries its CUDA backends for one forward pass (every layer, and the recompute of a
+    checkpointed one, which reuse the pass's AttentionInputs): MINILORA_SDPA's if set; otherwise flash first
+    in the first forward at this batch and length, and torch's own order (None) from the second on.
+
+    Why: torch 2.11 picks cuDNN on an H200 (sm90, cuDNN 9.19), the fastest at a fixed shape: 0.63 ms for forward
+    + backward of the 8B shape's attention at 2 x 2048 against flash's 1.10, and 57 ms against 95 at 32k
+    (scripts/bench_attention.py); the 8B step at 2 x 2048 ran 16,709 tok/s against 15,930 with flash first. But
+    cuDNN builds a plan at every new length, ~110-145 ms on its first call there against ~1 ms for flash, and
+    padded batches change length every step: with lengths uniform in [512, 2048], the 8B step ran 7,286 tok/s
+    with cuDNN against 12,625 with flash first (issue 6, one device call, `bench.py --vary_len`). A length seen
+    once is then cheapest with flash, and one that recurs pays cuDNN's plan once and runs its kernel after."""
+    order = sdpa_priority()
+    if order is not None or device.type != "cuda":
+        return order
+    key = (batch, length, device)
+    seen = _FORWARDS_AT_SHAPE.get(key, 0)
+    _FORWARDS_AT_SHAPE[key] = seen + 1
+    return _first("flash") if seen == 0 else None
+
+
+def attention(q, k, v, mask, scale: float, softcap: float | None = None,
+              order: list[SDPBackend] | None = None):
     """q [B, H, T, D], k/v [B, K, S, D], mask [B, 1, T, S] bool or None (plain causal, T == S).
-    The plain causal path runs SDPA's backends in `sdpa_priority`'s order. Soft-capping the scores (Gemma 2) is
-    not expressible in SDPA, so that path computes the scores explicitly: softmax(cap * tanh(q k^T * scale /
-    cap) + mask) v."""
+    The plain causal path runs SDPA's CUDA backends in `order` (AttentionInputs' `sdpa_order`; None: torch's
+    own). Soft-capping the scores (Gemma 2) is not expressible in SDPA, so that path computes the scores
+    explicitly: softmax(cap * tanh(q k^T * scale / cap) + mask) v."""
     if softcap is None and mask is None:
-        with _sdpa_backends(q):
+        with contextlib.nullcontext() if order is None or not q.is_cuda else sdpa_kernel(order, set_priority=True):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
     # With a mask, SDPA's memory-efficient kernel takes no GQA (enable_gqa would fall back to the math kernel,
     # which builds fp32 [B, H, T, S] scores): repeat each key/value head for its n_rep query heads instead.
@@ -177,7 +195,8 @@ class KVCache:
 
 class AttentionInputs:
     """What every layer's attention needs for one forward, computed once: cos/sin and the mask for each
-    layer type present. mask None means plain causal over a fresh sequence (SDPA's fast is_causal path)."""
+    layer type present, and the SDPA backend order (`sdpa_order`). mask None means plain causal over a fresh
+    sequence (SDPA's fast is_causal path)."""
 
     def __init__(self, config: ModelConfig, input_ids: torch.Tensor, position_ids: torch.Tensor | None,
                  cache: KVCache | None, dtype: torch.dtype):
@@ -198,3 +217,5 @@ class AttentionInputs:
             window = config.sliding_window if lt == "sliding_attention" else None
             needs_mask = packed or past or (window is not None and window < past + T)
             self.masks[lt] = attention_mask(position_ids, k_pos, doc, doc, window) if needs_mask else None
+        plain = any(m is None for m in self.masks.values())
+        self.sdpa_order = sdpa_order(B, T, device) if plain else None

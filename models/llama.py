@@ -49,7 +49,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # [B, K, S, D]
         y = attention(q, k, v, inputs.masks[self.layer_type], self.config.attn_scale,
-                      self.config.attn_logit_softcapping)
+                      self.config.attn_logit_softcapping, inputs.sdpa_order)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 

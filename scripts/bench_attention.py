@@ -3,8 +3,8 @@ each is from an fp32 reference, and the time of forward + backward.
 
     python scripts/bench_attention.py                  # GPU; exits 1 if a backend is off by more than 1e-2
 
-minilora.models.common.attention runs SDPA's backends in MINILORA_SDPA's order (`sdpa_priority`); this is the
-measurement behind that default. Per shape (batch x length, 32 query heads, 8 key/value heads, head_dim 128,
+minilora.models.common.attention runs SDPA's backends in `sdpa_order`'s order (flash first at a new batch and
+length, torch's own after; MINILORA_SDPA overrides); this is the measurement behind that rule. Per shape (batch x length, 32 query heads, 8 key/value heads, head_dim 128,
 bf16, is_causal, enable_gqa) and backend:
   - error: ‖out - ref‖ / ‖ref‖ for the output and for dq, dk, dv. The reference is the math backend on fp32
     copies of the same inputs where its [B, H, T, T] scores fit (2,048 tokens), else the flash backend in bf16.

@@ -45,6 +45,8 @@
 #                                       # in-place MLP backward and q+k RoPE; part20's varying lengths (8B); a 32k profile
 #   bash scripts/gpu_session.sh part22  # issue 6's whole table in one call: every minilora row and every peer row
 #                                       # (Unsloth's two modes, HF+PEFT); ~590 s: a fresh machine, DEADLINE_S=595
+#   bash scripts/gpu_session.sh part23  # GPU tests again (keep_attention per backend, offload, predicted peaks); varying
+#                                       # lengths with flash first at a new shape (models.common.sdpa_order); the 8B row
 #   bash scripts/gpu_session.sh part0   # CPU self-test of this script (tiny model, no peers), any machine
 #   bash scripts/gpu_session.sh run NAME...   # only these jobs (e.g. the ones a part skipped for time)
 #   bash scripts/gpu_session.sh list          # every job, its part, expected seconds and command
@@ -283,6 +285,9 @@ part22 u_1b_bs2_gcoff   42 300 peer_run 1b --framework unsloth --bs 2 --seq 2048
 part22 u_1b_bs8         48 300 peer_run 1b --framework unsloth --bs 8 --seq 2048
 part22 h_8b_bs2         36 300 peer_run 8b --framework hf --bs 2 --seq 2048
 part22 h_1b_bs2         20 240 peer_run 1b --framework hf --bs 2 --seq 2048
+part23 gputests        25 120 python3 -m pytest -q -p no:cacheprovider tests/test_checkpointing.py tests/test_memory_policy.py -k cuda
+part23 m_8b_vary       25  80 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --warmup 3 --steps 40 --vary_len
+part23 m_8b_bs2        13 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
 part4 h_8b_bs2        120 360 peer_run 8b --framework hf --bs 2 --seq 2048
 part4 h_1b_bs2         60 300 peer_run 1b --framework hf --bs 2 --seq 2048
 part4 m_qwen7b_bs2     40 240 $B --preset qwen2.5-7b --batch_size 2 --seq_len 2048 --gc auto $W

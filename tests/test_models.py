@@ -175,3 +175,27 @@ def test_sdpa_priority_puts_the_named_backend_first_and_keeps_the_rest(monkeypat
     monkeypatch.setenv("MINILORA_SDPA", "fast")
     with pytest.raises(ValueError, match="MINILORA_SDPA='fast'"):
         sdpa_priority()
+
+
+def test_sdpa_order_flash_first_at_a_new_shape_then_torchs(monkeypatch):
+    """Unset MINILORA_SDPA: flash first in the first forward at a (batch, length), torch's order (cuDNN on an H200)
+    from the second, per shape; MINILORA_SDPA always wins; a CPU forward keeps no count (attention ignores
+    any order there)."""
+    from torch.nn.attention import SDPBackend
+
+    from minilora.models.common import sdpa_order
+    monkeypatch.delenv("MINILORA_SDPA", raising=False)
+    cuda = torch.device("cuda")
+    assert sdpa_order(3, 1237, cuda)[0] == SDPBackend.FLASH_ATTENTION
+    assert sdpa_order(3, 1237, cuda) is None and sdpa_order(3, 1237, cuda) is None
+    assert sdpa_order(3, 1238, cuda)[0] == SDPBackend.FLASH_ATTENTION  # a new length is a new shape
+    assert sdpa_order(3, 1239, torch.device("cpu")) is None
+    monkeypatch.setenv("MINILORA_SDPA", "cudnn")
+    assert sdpa_order(3, 1240, cuda)[0] == SDPBackend.CUDNN_ATTENTION
+    # one forward pass asks once: every layer (and a recompute) reuses its AttentionInputs' order
+    from minilora.models.common import AttentionInputs
+    monkeypatch.delenv("MINILORA_SDPA")
+    cfg = ModelConfig.from_hf(dict(model_type="llama", vocab_size=11, hidden_size=16, intermediate_size=32,
+                                   num_hidden_layers=2, num_attention_heads=2))
+    inputs = AttentionInputs(cfg, torch.zeros(1, 7, dtype=torch.long), None, None, torch.float32)
+    assert inputs.sdpa_order is None  # CPU
