@@ -157,7 +157,7 @@ class _AttentionTape(TorchDispatchMode):
         super().__init__()
         self.records: list[tuple] = []  # [(op, outputs)]
         self.replaying = False
-        self.on_host: list[tuple[int, int]] = []  # (record, output) positions that move_to gave a stash
+        self.on_host: list[tuple[list, int]] = []  # (a record's outputs, index) that move_to gave a stash
 
     def __enter__(self):
         self.pos = 0
@@ -176,7 +176,7 @@ class _AttentionTape(TorchDispatchMode):
             if lse is not None:
                 args = (*args[:lse], True, *args[lse + 1:])
             out = func(*args, **kwargs)
-            self.records.append((func, out))
+            self.records.append((func, list(out)))  # a list: move_to swaps tensors out and back in place
             return out
         recorded = self.records[self.pos] if self.pos < len(self.records) else (None, None)
         self.pos += 1
@@ -188,22 +188,17 @@ class _AttentionTape(TorchDispatchMode):
 
     def move_to(self, stash: _Stash) -> None:
         """Hand the recorded outputs of TAPE_HOST_MIN_BYTES or more to `stash` (off the GPU until backward)."""
-        big = [(i, j) for i, (_, out) in enumerate(self.records) for j, t in enumerate(out)
-               if isinstance(t, torch.Tensor) and t.numel() * t.element_size() >= TAPE_HOST_MIN_BYTES]
-        stash.add([self.records[i][1][j] for i, j in big])
-        self.on_host = big
-        for i, j in big:
-            self._set(i, j, None)
+        self.on_host = [(out, j) for _, out in self.records for j, t in enumerate(out)
+                        if isinstance(t, torch.Tensor) and t.numel() * t.element_size() >= TAPE_HOST_MIN_BYTES]
+        stash.add([out[j] for out, j in self.on_host])
+        for out, j in self.on_host:
+            out[j] = None
 
     def move_back(self, tensors: list[torch.Tensor]) -> None:
         """The tensors `move_to` handed over, fetched back in the same order."""
-        for (i, j), t in zip(self.on_host, tensors):
-            self._set(i, j, t)
+        for (out, j), t in zip(self.on_host, tensors):
+            out[j] = t
         self.on_host = []
-
-    def _set(self, i: int, j: int, value) -> None:
-        func, out = self.records[i]
-        self.records[i] = (func, (*out[:j], value, *out[j + 1:]))
 
 
 # --- what a recompute replays: the forward's RNG and autocast state ---------------------------------------------
