@@ -100,7 +100,9 @@ def sdpa_order(batch: int, length: int, device: torch.device) -> list[SDPBackend
     cuDNN builds a plan at every new length, ~110-145 ms on its first call there against ~1 ms for flash, and
     padded batches change length every step: with lengths uniform in [512, 2048], the 8B step ran 7,286 tok/s
     with cuDNN against 12,625 with flash first (issue 6, one device call, `bench.py --vary_len`). A length seen
-    once is then cheapest with flash, and one that recurs pays cuDNN's plan once and runs its kernel after."""
+    once is then cheapest with flash, and one that recurs pays cuDNN's plan once and runs its kernel after:
+    11,576 tok/s on those lengths (another call), still below flash first throughout, since a length seen only
+    twice pays a plan it hardly uses; MINILORA_SDPA=flash is the choice for such data."""
     order = sdpa_priority()
     if order is not None or device.type != "cuda":
         return order
