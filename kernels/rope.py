@@ -235,10 +235,8 @@ def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
 
 def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """(rope(q, cos, sin), rope(k, cos, sin)) for q [B, T, H, D] and k [B, T, K, D]: one RopeQKFunction on CUDA
-    (one kernel each way), else each through `rope`."""
-    _check(q, cos, sin)
-    _check(k, cos, sin)
-    if use_triton(q, "rope") and _fusable(q, cos, sin) and _fusable(k, cos, sin) and q.dtype == k.dtype:
+    (one kernel each way; its launch checks the shapes), else each through `rope`."""
+    if use_triton(q, "rope") and q.dtype == k.dtype and _fusable(q, cos, sin) and _fusable(k, cos, sin):
         return RopeQKFunction.apply(q, k, cos, sin)
     return rope(q, cos, sin), rope(k, cos, sin)
 

@@ -181,7 +181,7 @@ class GatedLoRAFunction(torch.autograd.Function):
         h = gated_act_forward_triton(g, u, activation)  # [N, I], dropped once y is made (LoRA keeps xa only)
         y, saved = _lora_forward(h, None, base, bias, A, B, scale)
         ctx.base, ctx.scale, ctx.activation = base, scale, activation
-        ctx.overwrite = overwrite and g.is_contiguous() and u.is_contiguous()
+        ctx.overwrite = overwrite  # backward writes in place only where dh, g and u are contiguous
         ctx.lora_dtypes = (A.dtype, B.dtype) if A is not None else None
         ctx.save_for_backward(g, u, *(saved[1:] if saved is not None else ()))
         return y
