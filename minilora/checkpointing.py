@@ -10,7 +10,8 @@ With checkpointing a layer keeps only its input x [B, T, H]:
 
 Three modes, chosen per layer (`set_checkpointing(model, ["offload"] * 8 + ["recompute"] * 24)`):
     off        autograd keeps everything: fastest, most memory
-    recompute  x_i stays on the GPU; costs one extra layer forward in backward (~1/3 more compute)
+    recompute  x_i stays on the GPU; costs one extra layer forward in backward (~1/3 more compute), less
+               down_proj's GEMM, whose output the backward never reads (`recompute_output`)
     offload    as recompute, but x_i goes to pinned CPU memory during forward, on a side CUDA stream so the
                copy overlaps the layer's compute, and comes back during backward ahead of need: when layer i's
                backward starts, layer i-1's input starts its trip back while layer i recomputes. Host buffers
@@ -42,6 +43,7 @@ state is restored too.
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 import weakref
 
@@ -76,7 +78,8 @@ def set_checkpointing(model, modes: str | list[str], mlp_chunk: int | None = Non
 
 class LayerCheckpoint:
     """run(layer, x, inputs) -> layer(x, inputs), keeping only x for backward (on the host with an offloader),
-    and with keep_attention the attention kernel's outputs too."""
+    and with keep_attention the attention kernel's outputs too. The recompute calls layer(x, inputs,
+    need_output=False) (DecoderLayer.forward): the layer may leave its output's values unset."""
 
     def __init__(self, offloader: HostOffloader | None = None, keep_attention: bool = False):
         self.offloader, self.keep_attention = offloader, keep_attention
@@ -126,7 +129,8 @@ class _CheckpointedLayer(torch.autograd.Function):
         x = x.detach().requires_grad_(ctx.needs_input_grad[4])
         tape, ctx.tape = ctx.tape, None
         with _forward_rng(ctx, ctx.device), _recording(ctx, ctx.device), (tape or contextlib.nullcontext()):
-            out = ctx.layer(x, ctx.inputs)  # [B, T, H], the same values as in forward
+            # [B, T, H]: only its graph is used, so the layer may leave the values unset (DecoderLayer.forward)
+            out = ctx.layer(x, ctx.inputs, need_output=recompute_output())
         wrt = ([x] if x.requires_grad else []) + list(params)
         grads = torch.autograd.grad(out, wrt, grad_out, allow_unused=True)
         grad_x = grads[0] if x.requires_grad else None
@@ -202,6 +206,14 @@ class _AttentionTape(TorchDispatchMode):
 
 
 # --- what a recompute replays: the forward's RNG and autocast state ---------------------------------------------
+def recompute_output() -> bool:
+    """Whether a recompute computes its function's output values, which its backward never reads: only the
+    graph from the layer's input and parameters to it is used. The default, False, lets a Llama block skip
+    down_proj's GEMM there (~1/7 of the recompute's FLOPs at the 8B shape) and MLP chunks skip their whole
+    forward inside a recomputed layer. MINILORA_RECOMPUTE_OUTPUT=1 computes them, for before/after runs."""
+    return os.environ.get("MINILORA_RECOMPUTE_OUTPUT", "0") == "1"
+
+
 def _save_forward_state(ctx, device: torch.device) -> None:
     cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     ctx.rng = torch.get_rng_state(), cuda_rng
@@ -226,29 +238,36 @@ def _recording(ctx, device: torch.device):
 
 
 # --- token chunks inside a layer ------------------------------------------------------------------------------
-def checkpoint_chunks(fn, x: torch.Tensor, params: list[torch.Tensor], chunk: int) -> torch.Tensor:
+def checkpoint_chunks(fn, x: torch.Tensor, params: list[torch.Tensor], chunk: int,
+                      need_output: bool = True) -> torch.Tensor:
     """fn(x) for a token-wise fn ([..., H_in] -> [..., H_out], no mixing between tokens: the MLP), computed
     `chunk` tokens at a time. Only x is kept for backward, which recomputes fn chunk by chunk and backpropagates
     each chunk before the next: fn's intermediates exist for one chunk at a time, in forward and in backward.
+    fn takes (x, need_output); the recompute calls it with need_output=False, since it only backpropagates.
+    need_output=False here (the caller never reads the values: the recompute of a checkpointed layer) runs no
+    chunk at all and returns an unset tensor shaped like x (fn must keep the width, as the MLP does); backward
+    is the same as always.
 
     Why: at long context the MLP's [tokens, intermediate] tensors are what no longer fits. An 8B model at
     360k tokens has gate and up outputs of 9.6 GiB each, and backward needs several such tensors at once, even
     inside a checkpointed layer. In chunks of 8k tokens that is 0.22 GiB each. The price is one more MLP forward
     per layer, which at those lengths is small next to attention. `params` are fn's trainable parameters
     (LoRA A/B): their gradients are summed over the chunks and returned, as in _CheckpointedLayer."""
-    return _ChunkedTokens.apply(fn, chunk, x, *params)
+    return _ChunkedTokens.apply(fn, chunk, need_output, x, *params)
 
 
 class _ChunkedTokens(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, fn, chunk, x, *params):
+    def forward(ctx, fn, chunk, need_output, x, *params):
         ctx.fn, ctx.chunk = fn, chunk
         _save_forward_state(ctx, x.device)  # replayed once for the recompute, whose chunks draw in the same order
         ctx.save_for_backward(x, *params)
+        if not need_output:
+            return torch.empty_like(x)
         flat = x.reshape(-1, x.shape[-1])  # [N, H_in]
         out = None
         for i in range(0, flat.shape[0], chunk):
-            y = fn(flat[i:i + chunk])  # [chunk, H_out]
+            y = fn(flat[i:i + chunk], True)  # [chunk, H_out]
             if out is None:
                 out = y.new_empty(flat.shape[0], y.shape[-1])
             out[i:i + chunk] = y
@@ -258,13 +277,13 @@ class _ChunkedTokens(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, *params = ctx.saved_tensors
         flat, dy = x.reshape(-1, x.shape[-1]), grad_out.reshape(-1, grad_out.shape[-1])
-        dx = torch.empty_like(flat) if ctx.needs_input_grad[2] else None
+        dx = torch.empty_like(flat) if ctx.needs_input_grad[3] else None
         dparams = [None] * len(params)
         with _forward_rng(ctx, x.device):
             for i in range(0, flat.shape[0], ctx.chunk):
                 xc = flat[i:i + ctx.chunk].detach().requires_grad_(dx is not None)
                 with _recording(ctx, x.device):
-                    y = ctx.fn(xc)
+                    y = ctx.fn(xc, recompute_output())  # only backpropagated: its values may stay unset
                 wrt = ([xc] if dx is not None else []) + params
                 grads = torch.autograd.grad(y, wrt, dy[i:i + ctx.chunk], allow_unused=True)
                 if dx is not None:
@@ -272,7 +291,7 @@ class _ChunkedTokens(torch.autograd.Function):
                 for j, g in enumerate(grads[len(wrt) - len(params):]):
                     if g is not None:
                         dparams[j] = g if dparams[j] is None else dparams[j].add_(g)
-        return (None, None, None if dx is None else dx.view(x.shape), *dparams)
+        return (None, None, None, None if dx is None else dx.view(x.shape), *dparams)
 
 
 # --- offloading ----------------------------------------------------------------------------------------------

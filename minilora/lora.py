@@ -98,15 +98,18 @@ def _lora_out(x, xa, base, bias, b, scale: float):
     return y.addmm_(xa, b.t(), alpha=scale)  # + s · xa Bᵀ
 
 
-def _lora_forward(x, xd, base, bias, A, B, scale: float):
+def _lora_forward(x, xd, base, bias, A, B, scale: float, need_output: bool = True):
     """y = x W₀ᵀ + b + s (xd Aᵀ) Bᵀ for x [N, in], and what the backward needs: None for r = 0 (A, B None),
-    else (xd, xa = xd Aᵀ [N, r], A and B cast to x's dtype). xd None means no dropout: xd is x."""
+    else (xd, xa = xd Aᵀ [N, r], A and B cast to x's dtype). xd None means no dropout: xd is x.
+    need_output=False (with LoRA): y is left unset, for a caller that only backpropagates through it (a
+    checkpoint's recompute, `GatedMLP.forward`): backward needs xd and xa, never y, so the GEMM is skipped."""
     if A is None:
         return F.linear(x, _dense(base, x.dtype), bias), None
     xd = x if xd is None else xd
     a, b = A.to(x.dtype), B.to(x.dtype)  # the fp32 masters cast once; backward reuses these casts
     xa = xd @ a.t()  # [N, r]
-    return _lora_out(x, xa, base, bias, b, scale), (xd, xa, a, b)
+    y = _lora_out(x, xa, base, bias, b, scale) if need_output else x.new_empty(x.shape[0], b.shape[0])
+    return y, (xd, xa, a, b)
 
 
 def _lora_input_grad(dy, base, saved, scale: float, same: bool, need_x: bool, need_xd: bool):
@@ -142,8 +145,8 @@ class LoRAFunction(torch.autograd.Function):
     frozen linear alone, which saves nothing at all. Gradient formulas: see the module docstring."""
 
     @staticmethod
-    def forward(ctx, x, xd, base, bias, A, B, scale: float):
-        y, saved = _lora_forward(x, xd, base, bias, A, B, scale)
+    def forward(ctx, x, xd, base, bias, A, B, scale: float, need_output: bool = True):
+        y, saved = _lora_forward(x, xd, base, bias, A, B, scale, need_output)
         ctx.base, ctx.scale, ctx.same = base, scale, xd is None
         if saved is not None:
             ctx.save_for_backward(*saved)
@@ -152,12 +155,12 @@ class LoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):  # dy [N, out]
-        need_x, need_xd, _, need_b, need_A, need_B, _ = ctx.needs_input_grad
+        need_x, need_xd, _, need_b, need_A, need_B = ctx.needs_input_grad[:6]
         saved = ctx.saved_tensors or None
         dx, dxd, dyb = _lora_input_grad(dy, ctx.base, saved, ctx.scale, ctx.same, need_x, need_xd)
         db, dA, dB = _lora_weight_grads(dy, dyb, *(saved or (None, None))[:2], ctx.scale,
                                         getattr(ctx, "lora_dtypes", None), need_b, need_A, need_B)
-        return dx, dxd, None, db, dA, dB, None
+        return dx, dxd, None, db, dA, dB, None, None
 
 
 class GatedLoRAFunction(torch.autograd.Function):
@@ -177,9 +180,9 @@ class GatedLoRAFunction(torch.autograd.Function):
     it overwritten by the gradients."""
 
     @staticmethod
-    def forward(ctx, g, u, activation: str, base, bias, A, B, scale: float, overwrite: bool):
+    def forward(ctx, g, u, activation: str, base, bias, A, B, scale: float, overwrite: bool, need_output: bool):
         h = gated_act_forward_triton(g, u, activation)  # [N, I], dropped once y is made (LoRA keeps xa only)
-        y, saved = _lora_forward(h, None, base, bias, A, B, scale)
+        y, saved = _lora_forward(h, None, base, bias, A, B, scale, need_output)  # need_output: as _lora_forward
         ctx.base, ctx.scale, ctx.activation = base, scale, activation
         ctx.overwrite = overwrite  # backward writes in place only where dh, g and u are contiguous
         ctx.lora_dtypes = (A.dtype, B.dtype) if A is not None else None
@@ -188,7 +191,7 @@ class GatedLoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):  # dy [N, out]
-        need_g, need_u, _, _, need_b, need_A, need_B, _, _ = ctx.needs_input_grad
+        need_g, need_u, _, _, need_b, need_A, need_B = ctx.needs_input_grad[:7]
         if getattr(ctx, "spent", False):
             raise RuntimeError("GatedLoRAFunction (the MLP's down_proj): backward ran a second time through the "
                                "same graph (retain_graph=True), but the first one wrote its gradients over the "
@@ -207,7 +210,7 @@ class GatedLoRAFunction(torch.autograd.Function):
             h = gated_act_forward_triton(g, u, ctx.activation)
         db, dA, dB = _lora_weight_grads(dy, dyb, h, lora[0] if lora else None, ctx.scale, ctx.lora_dtypes,
                                         need_b, need_A, need_B)
-        return dg, du, None, None, db, dA, dB, None, None
+        return dg, du, None, None, db, dA, dB, None, None, None
 
 
 class SharedInputLoRAFunction(torch.autograd.Function):
@@ -390,7 +393,9 @@ class LoRALinear(nn.Module):
             return self.dense
         return self.nf4 if self.nf4 is not None else self.weight
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [*, in] -> [*, out]
+    def forward(self, x: torch.Tensor, need_output: bool = True) -> torch.Tensor:  # x [*, in] -> [*, out]
+        """need_output=False: the caller only backpropagates through the result, so with LoRA on its values are
+        left unset and the base GEMM is skipped (`_lora_forward`)."""
         if self.nf4 is None and self.r == 0:
             return F.linear(x, self.weight, self.bias)  # frozen or full fine-tuning: autograd as usual
         if self.weight is not None and self.weight.requires_grad:
@@ -400,21 +405,23 @@ class LoRALinear(nn.Module):
         if self.r > 0 and self.training and self.lora_dropout > 0:
             xd = F.dropout(x2, self.lora_dropout, training=True)
         a, b = (self.lora_A.weight, self.lora_B.weight) if self.r > 0 else (None, None)
-        y = LoRAFunction.apply(x2, xd, self._base(), self.bias, a, b, self.scaling)  # [N, out]
+        y = LoRAFunction.apply(x2, xd, self._base(), self.bias, a, b, self.scaling, need_output)  # [N, out]
         return y.view(*x.shape[:-1], self.out_features)
 
-    def forward_gated(self, g: torch.Tensor, u: torch.Tensor, activation: str, overwrite: bool = False) -> torch.Tensor:
+    def forward_gated(self, g: torch.Tensor, u: torch.Tensor, activation: str, overwrite: bool = False,
+                      need_output: bool = True) -> torch.Tensor:
         """self(act(g) * u) for g, u [*, in]; activation as kernels/gated_act.py names it. On CUDA without
         dropout, one GatedLoRAFunction that does not keep act(g) * u for backward; otherwise the composition.
         overwrite: g and u are the caller's to give away, and backward may write their gradients over them
-        (GatedLoRAFunction)."""
+        (GatedLoRAFunction). need_output: as in forward."""
         fused = (use_triton(g, "gated_act") and not (self.r > 0 and self.training and self.lora_dropout > 0)
                  and (self.weight is None or not self.weight.requires_grad))
         if not fused:
-            return self(gated_act(g, u, activation))
+            return self(gated_act(g, u, activation), need_output)
         a, b = (self.lora_A.weight, self.lora_B.weight) if self.r > 0 else (None, None)
         y = GatedLoRAFunction.apply(g.reshape(-1, self.in_features), u.reshape(-1, self.in_features), activation,
-                                    self._base(), self.bias, a, b, self.scaling, overwrite)  # [N, out]
+                                    self._base(), self.bias, a, b, self.scaling, overwrite,
+                                    need_output)  # [N, out]
         return y.view(*g.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

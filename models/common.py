@@ -155,21 +155,24 @@ class GatedMLP(nn.Module):
         self.activation = GATED_ACTIVATIONS[config.hidden_act]
         self.chunk_tokens: int | None = None  # set by minilora.checkpointing.set_checkpointing(mlp_chunk=...)
 
-    def forward(self, x):  # [B, T, H] -> [B, T, H]
+    def forward(self, x, need_output: bool = True):  # [B, T, H] -> [B, T, H]
+        """need_output=False: the caller only backpropagates through the result and never reads its values (a
+        checkpoint's recompute, whose block adds it to the residual stream), so a LoRA down_proj skips its GEMM
+        and leaves them unset, as do MLP chunks (checkpoint_chunks)."""
         if self.chunk_tokens is not None and x.shape[:-1].numel() > self.chunk_tokens:
             # long sequences: chunks of tokens, each recomputed in backward, so the [tokens, I] activations
             # below exist for one chunk at a time (minilora/checkpointing.py, checkpoint_chunks)
             params = [p for p in self.parameters() if p.requires_grad]
-            return checkpoint_chunks(self._forward, x, params, self.chunk_tokens)
-        return self._forward(x)
+            return checkpoint_chunks(self._forward, x, params, self.chunk_tokens, need_output)
+        return self._forward(x, need_output)
 
-    def _forward(self, x):
+    def _forward(self, x, need_output: bool = True):
         g, u = project(x, self.gate_proj, self.up_proj)  # [B, T, I] each (minilora/lora.py: one Function with LoRA)
         # A LoRALinear down_proj (minilora/lora.py) takes g and u itself: on CUDA it fuses the activation into
         # its autograd Function and recomputes act(g) * u in backward instead of keeping it. g and u are ours
         # alone (no projection keeps its output), so its backward may write their gradients over them.
         if hasattr(self.down_proj, "forward_gated"):
-            return self.down_proj.forward_gated(g, u, self.activation, overwrite=True)
+            return self.down_proj.forward_gated(g, u, self.activation, overwrite=True, need_output=need_output)
         # kernels/gated_act.py: act(g) * u fused on CUDA, keeping g and u for backward instead of g, u and act(g)
         return self.down_proj(gated_act(g, u, self.activation))
 

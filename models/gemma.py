@@ -41,7 +41,9 @@ class SandwichDecoderLayer(nn.Module):
         self.pre_feedforward_layernorm = RMSNorm(h, eps, off)
         self.post_feedforward_layernorm = RMSNorm(h, eps, off)
 
-    def forward(self, x, inputs: AttentionInputs, cache: KVCache | None = None):
+    def forward(self, x, inputs: AttentionInputs, cache: KVCache | None = None, need_output: bool = True):
+        # need_output (models/llama.py's DecoderLayer) is not passed on: post_feedforward_layernorm's backward
+        # reads the MLP's output, so the MLP must compute it even in a recompute
         x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), inputs, cache))
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 

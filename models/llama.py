@@ -61,9 +61,12 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_offset)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_offset)
 
-    def forward(self, x, inputs: AttentionInputs, cache: KVCache | None = None):
+    def forward(self, x, inputs: AttentionInputs, cache: KVCache | None = None, need_output: bool = True):
+        """need_output=False: a checkpoint's recompute, which backpropagates through the result but never reads
+        it. The MLP's output only joins the residual sum, whose backward reads no values, so the MLP may leave
+        it unset and skip down_proj's GEMM (GatedMLP.forward)."""
         x = x + self.self_attn(self.input_layernorm(x), inputs, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x), need_output)
 
 
 class Model(nn.Module):

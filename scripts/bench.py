@@ -20,11 +20,15 @@ peak_alloc_gb and peak_reserved_gb in GiB like theirs, first_loss, last_loss, lo
 FLOP model of one step (`train_flops`), N = batch x seq tokens, P = matmul weights of the decoder layers plus
 the LM head, P_layer one layer's, P_lora the adapters':
     forward 2NP + input gradient 2NP (the frozen weights get no weight gradient)
-    + recompute 2N P_layer for each checkpointed layer
+    + recompute 2N P_layer for each checkpointed layer, less down_proj's 2N H I, which the recompute skips
+      (its output is only backpropagated: minilora.checkpointing.recompute_output; Gemma's sandwich norm
+      reads it, so there it is run)
     + adapters 2N P_lora x (3: forward, input and weight gradients; +1 when recomputed)
     + attention 4 B nh D x (causal query-key pairs) per layer forward, x3 with backward, +1 when recomputed
       (not with keep_attention: the recompute takes the kept outputs)
-    + the MLP's forward once more when it runs in token chunks (--mlp_chunk, or --gc auto at long context)
+    + gate_proj and up_proj once more, 2N 2 H I, when the MLP runs in token chunks (--mlp_chunk, or --gc auto at
+      long context): each chunk's backward recomputes them; inside a recomputed layer the chunks skip their
+      forward (down_proj included), so the layer's recompute then counts 2N (P_layer - 3 H I), and Gemma's 2N P_layer
 MFU = FLOPs / step_s / peak. Peak: `--peak_tflops`, default 989 (H100 SXM, dense bf16). Recompute is counted
 as work done, so checkpointed runs score a little higher than their tokens/s alone would say.
 """
@@ -40,7 +44,7 @@ import time
 import torch
 import torch.nn as nn
 
-from minilora.checkpointing import set_checkpointing
+from minilora.checkpointing import recompute_output, set_checkpointing
 from minilora.config import ModelConfig
 from minilora.lora import DEFAULT_TARGETS, LoRALinear, inject_lora, lora_parameters, replace_linears_for_4bit
 from minilora.loss import chunked_cross_entropy
@@ -140,21 +144,30 @@ def causal_pairs(seq: int, window: int | None) -> int:
 
 
 def train_flops(config: ModelConfig, batch: int, seq: int, modes: list[str], r: int = 16,
-                mlp_chunk: int | None = None, keep_attention: bool = False) -> float:
+                mlp_chunk: int | None = None, keep_attention: bool = False,
+                recompute_output: bool = False) -> float:
     """FLOPs of one training step under the model in the module docstring; modes: one per decoder layer.
-    An MLP in token chunks (mlp_chunk < batch x seq) recomputes its forward once more in backward; with
-    keep_attention a checkpointed layer's recompute skips attention's forward."""
+    An MLP in token chunks (mlp_chunk < batch x seq) recomputes gate and up in each chunk's backward; with
+    keep_attention a checkpointed layer's recompute skips attention's forward. recompute_output: the recompute
+    computes the layer's output too (MINILORA_RECOMPUTE_OUTPUT=1), as the issue's FLOP model counts it."""
     c = config
     H, I, D, V = c.hidden_size, c.intermediate_size, c.head_dim, c.vocab_size
     nh, nkv, L = c.num_attention_heads, c.num_key_value_heads, c.num_hidden_layers
     p_layer = H * nh * D + 2 * H * nkv * D + nh * D * H + 3 * H * I  # q, k, v, o, gate, up, down
     p_lora = r * (2 * (H + nh * D) + 2 * (H + nkv * D) + 3 * (H + I))  # A [r, in] and B [out, r] of each
     tokens = batch * seq
+    chunked = mlp_chunk is not None and tokens > mlp_chunk
+    if recompute_output:  # every chunk runs its whole MLP in a layer's recompute, and again in its own backward
+        p_recompute, p_chunk = p_layer, 3 * H * I
+    elif c.sandwich_norm:  # the layer's recompute computes the MLP output (the norm after it reads it)
+        p_recompute, p_chunk = p_layer, 2 * H * I
+    else:
+        p_recompute, p_chunk = p_layer - (3 if chunked else 1) * H * I, 2 * H * I
     n_ckpt = sum(m != "off" for m in modes)
-    flops = 2 * tokens * (2 * (L * p_layer + H * V) + n_ckpt * p_layer)
+    flops = 2 * tokens * (2 * (L * p_layer + H * V) + n_ckpt * p_recompute)
     flops += 2 * tokens * p_lora * (3 * L + n_ckpt)
-    if mlp_chunk is not None and tokens > mlp_chunk:
-        flops += 2 * tokens * L * (3 * H * I + r * 3 * (H + I))  # gate, up, down and their adapters, again
+    if chunked:
+        flops += 2 * tokens * L * (p_chunk + r * 3 * (H + I))  # the chunks' own recompute, and their adapters
     for layer_type, mode in zip(c.layer_types, modes):
         window = c.sliding_window if layer_type == "sliding_attention" else None
         fwd = 4 * batch * nh * D * causal_pairs(seq, window)  # Q Kᵀ and P V
@@ -321,8 +334,8 @@ def run(args) -> dict:
     timed = data[args.warmup:]
     step = (statistics.mean if args.vary_len else statistics.median)(times[args.warmup:])
     tokens = statistics.mean(ids.numel() for ids, _ in timed)
-    flops = statistics.mean(train_flops(config, args.batch_size, ids.shape[1], modes, args.r, mlp_chunk, keep)
-                            for ids, _ in timed)
+    flops = statistics.mean(train_flops(config, args.batch_size, ids.shape[1], modes, args.r, mlp_chunk, keep,
+                                        recompute_output()) for ids, _ in timed)
     out.update(
         step_s=step, tok_s=tokens / step,
         peak_alloc_gb=torch.cuda.max_memory_allocated(device) / GiB if cuda else None,
@@ -331,7 +344,7 @@ def run(args) -> dict:
         mfu=flops / step / (args.peak_tflops * 1e12), tflops=flops / step / 1e12, flops_per_step=flops,
         modes=" ".join(f"{m}x{modes.count(m)}" for m in ("off", "recompute", "offload") if m in modes),
         ce_chunk=chunk, mlp_chunk=mlp_chunk, keep_attention=keep, optim=args.optim, kernels=os.environ.get("MINILORA_TRITON", "1"),
-        sdpa=os.environ.get("MINILORA_SDPA", "torch"),
+        sdpa=os.environ.get("MINILORA_SDPA", "torch"), recompute_output=recompute_output(),
         device=torch.cuda.get_device_name(device) if cuda else "cpu", torch=torch.__version__,
     )
     return out

@@ -75,7 +75,7 @@ def main():
             compare("down_proj(gated_act) fused [4096, 14336] nf4",
                     # a * 1, b * 1: non-leaf inputs, whose storage the backward overwrites (GatedMLP's call)
                     outputs_and_grads(lambda a, b, A, B: GatedLoRAFunction.apply(a * 1, b * 1, "silu", m.nf4, None,
-                                                                                 A, B, m.scaling, True),
+                                                                                 A, B, m.scaling, True, True),
                                       [gate, up, *lora]),
                     outputs_and_grads(lambda a, b, A, B: LoRAFunction.apply(GatedActFunction.apply(a, b, "silu"),
                                                                             None, m.nf4, None, A, B, m.scaling),

@@ -42,3 +42,23 @@ def test_train_flops_keep_attention_drops_the_recomputed_attention_forward():
     kept = train_flops(cfg, 1, T, ["recompute"] * L, keep_attention=True)
     assert rec - kept == L * att_fwd
     assert train_flops(cfg, 1, T, ["off"] * L, keep_attention=True) == off
+
+
+def test_train_flops_recompute_skips_down_proj():
+    """The recompute skips down_proj (2 N H I a checkpointed layer) unless recompute_output; Gemma's sandwich
+    norm reads the MLP output, so there it is run. MLP chunks: each chunk's backward recomputes gate and up
+    (2 N 2 H I a layer), and a recomputed Llama layer skips its chunks' forward (2 N 3 H I)."""
+    for name in ("tiny", "gemma-2-9b"):
+        cfg = preset_config(name)
+        L, T, H, I = cfg.num_hidden_layers, 64, cfg.hidden_size, cfg.intermediate_size
+        off, rec = ["off"] * L, ["recompute"] * L
+        old = train_flops(cfg, 1, T, rec, recompute_output=True)
+        new = train_flops(cfg, 1, T, rec)
+        assert old - new == (0 if cfg.sandwich_norm else L * 2 * T * H * I), name
+        # chunks of 16 tokens: the old model counted the whole MLP once more in every layer
+        assert (train_flops(cfg, 1, T, off, mlp_chunk=16, recompute_output=True)
+                - train_flops(cfg, 1, T, off, mlp_chunk=16)) == L * 2 * T * H * I
+        saved = train_flops(cfg, 1, T, rec, mlp_chunk=16, recompute_output=True) - train_flops(cfg, 1, T, rec,
+                                                                                                mlp_chunk=16)
+        assert saved == L * 2 * T * H * I * (1 if cfg.sandwich_norm else 4), name
+        assert train_flops(cfg, 1, T, off) == train_flops(cfg, 1, T, off, recompute_output=True)

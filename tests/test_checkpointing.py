@@ -57,6 +57,7 @@ def assert_same(name, got, ref, tol=1e-6):
 
 
 MODES = ["recompute", "offload", ["offload", "off", "recompute"], ["off", "offload", "offload"]]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @pytest.mark.parametrize("cfg", [LLAMA, GEMMA2], ids=["llama", "gemma2"])
@@ -213,6 +214,79 @@ def test_keep_attention_same_gradients_one_attention_forward(modes, packed, monk
         assert len(pool) == 3 * per_layer.count("offload")
 
 
+class CountMatmulFlops(torch.utils._python_dispatch.TorchDispatchMode):
+    """2 m k n for each matrix product [m, k] x [k, n] run under it (torch.utils.flop_counter's FlopCounterMode
+    would do, but its module hooks refuse the autograd.grad inside a checkpoint's backward)."""
+    OPS = {torch.ops.aten.mm.default: 0, torch.ops.aten.addmm.default: 1, torch.ops.aten.addmm_.default: 1}
+
+    def __init__(self):
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.OPS:
+            a, b = args[self.OPS[func]:self.OPS[func] + 2]
+            self.flops += 2 * a.shape[0] * a.shape[1] * b.shape[1]
+        return func(*args, **(kwargs or {}))
+
+
+def lora_model(cfg):
+    """tiny_model with LoRA r=4 on the seven projections, B nonzero (B = 0 would zero every A gradient)."""
+    from minilora.lora import inject_lora
+    model = tiny_model(cfg)
+    inject_lora(model, r=4, lora_alpha=8)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.1)
+    return model
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cfg", [LLAMA, GEMMA2], ids=["llama", "gemma2"])
+@pytest.mark.parametrize("mlp_chunk", [None, 5], ids=["whole", "chunks"])
+def test_recompute_skips_down_proj_gemm(cfg, mlp_chunk, device, monkeypatch):
+    """A recompute only backpropagates through the layer, so the Llama block's MLP leaves its output unset:
+    down_proj's GEMM (and its LoRA B product) is not run, and MLP chunks inside a recomputed layer skip their
+    whole forward. The LoRA gradients are those of the model without checkpointing, and the FLOPs saved against
+    MINILORA_RECOMPUTE_OUTPUT=1 (which computes the output, as before) are exactly those. On CUDA down_proj is
+    the fused GatedLoRAFunction, on the CPU LoRALinear over the torch activation. Gemma's block
+    normalises the MLP output before adding it, so its layer recompute computes it; only the chunks' own
+    recompute (whose output only the chunk's backward sees) skips down_proj there."""
+    model = lora_model(cfg).to(device)
+    ids, pos = batch(False)
+    ids = ids.to(device)
+    N, H, I, r, L = ids.numel(), cfg["hidden_size"], cfg["intermediate_size"], 4, cfg["num_hidden_layers"]
+    ref = loss_and_grads(model, "off", ids, pos, mlp_chunk)
+    modes = ["recompute", "off", "offload"]
+
+    def step_flops():
+        with CountMatmulFlops() as fc:
+            got = loss_and_grads(model, modes, ids, pos, mlp_chunk)
+        return got, fc.flops
+
+    monkeypatch.setenv("MINILORA_RECOMPUTE_OUTPUT", "1")
+    computed, flops_computed = step_flops()
+    monkeypatch.delenv("MINILORA_RECOMPUTE_OUTPUT")
+    skipped, flops_skipped = step_flops()
+    assert_same(f"recompute output computed, chunks {mlp_chunk}", computed, ref, tol=1e-5)
+    assert_same(f"recompute output skipped, chunks {mlp_chunk}", skipped, ref, tol=1e-5)
+
+    down = 2 * N * I * H + 2 * N * r * H  # x W₀ᵀ and xa Bᵀ of down_proj, per recompute
+    mlp = model.model.layers[0].mlp
+    with torch.no_grad(), CountMatmulFlops() as fc:
+        mlp(torch.zeros(N, H, device=device))  # the MLP's whole forward at this many tokens
+    if mlp_chunk is None:  # two checkpointed layers, each recomputed once (Gemma: none skipped)
+        expected = 0 if cfg is GEMMA2 else 2 * down
+    elif cfg is GEMMA2:  # every layer's chunks are recomputed in their own backward, which skips down
+        expected = 3 * down
+    else:  # as Gemma, and the two checkpointed layers' recomputes skip the whole (chunked) MLP
+        expected = 3 * down + 2 * fc.flops
+    print(f"{cfg['model_type']} {device} chunks={mlp_chunk}: step FLOPs {flops_computed:,} with the recompute's output, "
+          f"{flops_skipped:,} without: {flops_computed - flops_skipped:,} saved, {expected:,} expected")
+    assert flops_computed - flops_skipped == expected
+
+
 def test_frozen_embeddings_still_train_the_layers():
     """LoRA setting: x_0 comes from a frozen embedding and does not require grad; the layers' trainable
     weights must get their gradients anyway (no enable_input_require_grads hack)."""
@@ -249,11 +323,10 @@ class DropoutLayer(nn.Module):
         self.proj = nn.Linear(16, 16)
         self.drop = nn.Dropout(0.5)
 
-    def forward(self, x, inputs):
+    def forward(self, x, inputs, need_output=True):  # LayerCheckpoint's layer interface (DecoderLayer.forward)
         return x + self.drop(self.proj(x))
 
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @pytest.mark.parametrize("device", DEVICES)

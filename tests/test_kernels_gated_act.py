@@ -73,9 +73,10 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
     # down_proj fused with the activation (minilora/lora.py): its backward takes h from the backward kernel
     from minilora.lora import GatedLoRAFunction
     from test_kernels_gated_act import gated_lora_inputs
+    from test_checkpointing import CountMatmulFlops
     for act in K.ACTIVATIONS:
         leaves, W, dy = gated_lora_inputs()
-        y = GatedLoRAFunction.apply(leaves[0], leaves[1], act, W, None, leaves[2], leaves[3], 0.5, False)
+        y = GatedLoRAFunction.apply(leaves[0], leaves[1], act, W, None, leaves[2], leaves[3], 0.5, False, True)
         y.backward(dy)
         out[f"gated_lora-{act}"] = [y.detach()] + [t.grad for t in leaves]
         # overwrite (what GatedMLP asks for): g and u are non-leaf outputs, their storage gets dg and du
@@ -85,7 +86,7 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
         seen = {}
         g.register_hook(lambda d: seen.update(dg=d.data_ptr()))
         u.register_hook(lambda d: seen.update(du=d.data_ptr()))
-        y = GatedLoRAFunction.apply(g, u, act, W, None, leaves[2], leaves[3], 0.5, True)
+        y = GatedLoRAFunction.apply(g, u, act, W, None, leaves[2], leaves[3], 0.5, True, True)
         y.backward(dy, retain_graph=True)
         try:
             y.backward(dy)
@@ -94,6 +95,12 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
             second = str(e)
         out[f"gated_lora_overwrite-{act}"] = ([y.detach()] + [t.grad for t in leaves],
                                               (seen["dg"], seen["du"]) == ptrs, second)
+        # need_output=False (a recompute, only backpropagated): y unset, and no product but xa = h Aᵀ
+        leaves, W, dy = gated_lora_inputs()
+        with CountMatmulFlops() as count:
+            y = GatedLoRAFunction.apply(leaves[0], leaves[1], act, W, None, leaves[2], leaves[3], 0.5, False, False)
+        y.backward(dy)
+        out[f"gated_lora_no_output-{act}"] = ([t.grad for t in leaves], count.flops)
 
     # h.sum().backward() hands the backward an expanded, stride-0 dh; only g requiring grad gives du = None
     g, u, dh = inputs("silu-float32-2x7x33")
@@ -192,6 +199,16 @@ def test_gated_lora_overwrite(triton_out, act):
         assert torch.equal(o, r), what
     assert reused
     assert "retain_graph" in second, second
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_gated_lora_without_output(triton_out, act):
+    """need_output=False (GatedMLP in a checkpoint's recompute): the gradients of g, u, A and B bit for bit, and
+    the forward runs one product, xa = h Aᵀ [6, 4] (2 * 6 * 40 * 4 FLOPs), not x W₀ᵀ or xa Bᵀ."""
+    grads_, flops = triton_out[f"gated_lora_no_output-{act}"]
+    for what, o, r in zip(("dg", "du", "dA", "dB"), grads_, triton_out[f"gated_lora-{act}"][1:]):
+        assert torch.equal(o, r), what
+    assert flops == 2 * 6 * 40 * 4, flops
 
 
 def test_expanded_grad_output(triton_out):

@@ -498,7 +498,7 @@ for r in (0, 4):
                         base = m.nf4 if m.nf4 is not None else m.weight
                         a, b = (m.lora_A.weight, m.lora_B.weight) if r else (None, None)
                         y = GatedLoRAFunction.apply(g.view(-1, 96), u.view(-1, 96), act, base, m.bias, a, b,
-                                                    m.scaling, False).view(2, 5, 48)
+                                                    m.scaling, False, True).view(2, 5, 48)
                     else:
                         y = m(gated_act_reference(g, u, act))
                 params = [p for p in m.parameters() if p.requires_grad]
