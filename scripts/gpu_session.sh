@@ -47,6 +47,8 @@
 #                                       # (Unsloth's two modes, HF+PEFT); ~590 s: a fresh machine, DEADLINE_S=595
 #   bash scripts/gpu_session.sh part23  # GPU tests again (keep_attention per backend, offload, predicted peaks); varying
 #                                       # lengths with flash first at a new shape (models.common.sdpa_order); the 8B row
+#   bash scripts/gpu_session.sh part24  # the recompute without down_proj's GEMM, against it (MINILORA_RECOMPUTE_OUTPUT=1):
+#                                       # 32k at 14 GB, 8B at 7 GB; the budget curve and the 8B row; a 32k profile
 #   bash scripts/gpu_session.sh part0   # CPU self-test of this script (tiny model, no peers), any machine
 #   bash scripts/gpu_session.sh run NAME...   # only these jobs (e.g. the ones a part skipped for time)
 #   bash scripts/gpu_session.sh list          # every job, its part, expected seconds and command
@@ -288,6 +290,18 @@ part22 h_1b_bs2         20 240 peer_run 1b --framework hf --bs 2 --seq 2048
 part23 gputests        25 120 python3 -m pytest -q -p no:cacheprovider tests/test_checkpointing.py tests/test_memory_policy.py -k cuda
 part23 m_8b_vary       25  80 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --warmup 3 --steps 40 --vary_len
 part23 m_8b_bs2        13 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
+part24 gputests        30 150 python3 -m pytest -q -p no:cacheprovider tests/test_checkpointing.py tests/test_memory_policy.py -k cuda
+part24 kcheck          25  90 python3 tests/gpu_check_kernels.py
+part24 m_8b_32k_14gb   50 300 $B --preset llama-3.1-8b --batch_size 1 --seq_len 32768 --gc auto --max_memory_gb 14 $W
+part24 m_8b_32k_14gb_old 55 300 MINILORA_RECOMPUTE_OUTPUT=1 $B --preset llama-3.1-8b --batch_size 1 --seq_len 32768 --gc auto --max_memory_gb 14 $W
+part24 m_8b_budget7    13 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 7 $W
+part24 m_8b_budget7_old 13 240 MINILORA_RECOMPUTE_OUTPUT=1 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 7 $W
+part24 m_8b_budget7_again 13 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 7 $W
+part24 m_8b_budget10   18 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 10 $W
+part24 m_8b_budget14   18 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 14 $W
+part24 m_8b_budget20   18 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 20 $W
+part24 m_8b_bs2        13 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
+part24 m_8b_32k_profile 70 300 $B --preset llama-3.1-8b --batch_size 1 --seq_len 32768 --gc auto --max_memory_gb 14 $W --profile --profile_rows 16
 part4 h_8b_bs2        120 360 peer_run 8b --framework hf --bs 2 --seq 2048
 part4 h_1b_bs2         60 300 peer_run 1b --framework hf --bs 2 --seq 2048
 part4 m_qwen7b_bs2     40 240 $B --preset qwen2.5-7b --batch_size 2 --seq_len 2048 --gc auto $W
