@@ -49,6 +49,8 @@
 #                                       # lengths with flash first at a new shape (models.common.sdpa_order); the 8B row
 #   bash scripts/gpu_session.sh part24  # the recompute without down_proj's GEMM, against it (MINILORA_RECOMPUTE_OUTPUT=1):
 #                                       # 32k at 14 GB, 8B at 7 GB; the budget curve and the 8B row; a 32k profile
+#   bash scripts/gpu_session.sh part25  # the LoRA products of one 8B layer, as written and transposed
+#                                       # (scripts/bench_lora_products.py); a profile of the 8B step at 2 x 2048
 #   bash scripts/gpu_session.sh part0   # CPU self-test of this script (tiny model, no peers), any machine
 #   bash scripts/gpu_session.sh run NAME...   # only these jobs (e.g. the ones a part skipped for time)
 #   bash scripts/gpu_session.sh list          # every job, its part, expected seconds and command
@@ -302,6 +304,8 @@ part24 m_8b_budget14   18 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 
 part24 m_8b_budget20   18 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 20 $W
 part24 m_8b_bs2        13 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
 part24 m_8b_32k_profile 70 300 $B --preset llama-3.1-8b --batch_size 1 --seq_len 32768 --gc auto --max_memory_gb 14 $W --profile --profile_rows 16
+part25 lora_products   20  90 python3 scripts/bench_lora_products.py
+part25 m_8b_bs2_profile 30 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W --profile --profile_rows 40
 part4 h_8b_bs2        120 360 peer_run 8b --framework hf --bs 2 --seq 2048
 part4 h_1b_bs2         60 300 peer_run 1b --framework hf --bs 2 --seq 2048
 part4 m_qwen7b_bs2     40 240 $B --preset qwen2.5-7b --batch_size 2 --seq_len 2048 --gc auto $W
