@@ -302,8 +302,7 @@ def run(args) -> dict:
         print(f"auto checkpointing: {plan}", flush=True)
         modes, chunk, mlp_chunk = plan.modes, chunk or plan.ce_chunk_size, mlp_chunk or plan.mlp_chunk
         keep = plan.keep_attention
-        out.update(budget_gb=plan.budget / GiB, predicted_peak_gb=plan.peak / GiB, dense_layers=plan.dense_layers,
-                   cuda_graphs=plan.cuda_graphs)
+        out.update(budget_gb=plan.budget / GiB, predicted_peak_gb=plan.peak / GiB, dense_layers=plan.dense_layers)
         apply_plan(model, plan)
     else:
         modes = [args.gc] * config.num_hidden_layers
