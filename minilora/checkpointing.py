@@ -209,7 +209,7 @@ class _AttentionTape(TorchDispatchMode):
 def recompute_output() -> bool:
     """Whether a recompute computes its function's output values, which its backward never reads: only the
     graph from the layer's input and parameters to it is used. The default, False, lets a Llama block skip
-    down_proj's GEMM there (~1/7 of the recompute's FLOPs at the 8B shape) and MLP chunks skip their whole
+    down_proj's GEMM there (H·I of the 8B shape's 218M layer weights: 27% of the recompute's GEMM FLOPs) and MLP chunks skip their whole
     forward inside a recomputed layer. MINILORA_RECOMPUTE_OUTPUT=1 computes them, for before/after runs."""
     return os.environ.get("MINILORA_RECOMPUTE_OUTPUT", "0") == "1"
 
@@ -250,8 +250,8 @@ def checkpoint_chunks(fn, x: torch.Tensor, params: list[torch.Tensor], chunk: in
 
     Why: at long context the MLP's [tokens, intermediate] tensors are what no longer fits. An 8B model at
     360k tokens has gate and up outputs of 9.6 GiB each, and backward needs several such tensors at once, even
-    inside a checkpointed layer. In chunks of 8k tokens that is 0.22 GiB each. The price is one more MLP forward
-    per layer, which at those lengths is small next to attention. `params` are fn's trainable parameters
+    inside a checkpointed layer. In chunks of 8k tokens that is 0.22 GiB each. The price is gate_proj and up_proj
+    once more per layer (down_proj's output is not needed there), small next to attention at those lengths. `params` are fn's trainable parameters
     (LoRA A/B): their gradients are summed over the chunks and returned, as in _CheckpointedLayer."""
     return _ChunkedTokens.apply(fn, chunk, need_output, x, *params)
 
