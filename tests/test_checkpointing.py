@@ -256,7 +256,7 @@ def test_recompute_skips_down_proj_gemm(cfg, mlp_chunk, device, monkeypatch):
     model = lora_model(cfg).to(device)
     ids, pos = batch(False)
     ids = ids.to(device)
-    N, H, I, r, L = ids.numel(), cfg["hidden_size"], cfg["intermediate_size"], 4, cfg["num_hidden_layers"]
+    N, H, I, r = ids.numel(), cfg["hidden_size"], cfg["intermediate_size"], 4
     ref = loss_and_grads(model, "off", ids, pos, mlp_chunk)
     modes = ["recompute", "off", "offload"]
 
