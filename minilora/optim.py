@@ -372,6 +372,9 @@ class AdamW8bit(torch.optim.Optimizer):
         adamw8bit_step_triton(pack.params, grads, pack.tables, pack.state1, pack.state2, pack.absmax1, pack.absmax2,
                               pack.maps, lo, hi - lo, group["lr"], beta1, beta2, group["eps"],
                               group["weight_decay"], t)
+        # the kernel wrote the params through their addresses, which autograd cannot see: say so, as an in-place
+        # torch op would (its checks of saved tensors, and minilora.lora.CastCache, go by these counters)
+        torch.autograd.graph.increment_version(pack.params[first:end])
 
     @staticmethod
     def _step_chunk(pack: _Pack, group: dict, lo: int, hi: int, t: int, grads: list[Tensor], params: list[Tensor],

@@ -281,6 +281,25 @@ def print_idle(prof, top: int = 8):
         print(f"  {g / 1e3:7.2f} ms  after {a[:50]}  before {b[:50]}", flush=True)
 
 
+def gpu_bound_step(model, opt, batch, config, chunk, device, head_start_s: float = 0.5) -> tuple[float, float]:
+    """(device seconds, host seconds) of one step issued while the GPU is held back by a spin kernel
+    (`torch.cuda._sleep`) for head_start_s: the CPU then queues the step's kernels ahead of the GPU, which runs
+    them back to back. The device time is the step as fast as it would be with a CPU that is never late; the
+    difference to step_s is what the GPU waits on Python and launches in an ordinary step. The host time is what
+    issuing the step costs the CPU (it blocks, and so overstates, only if the launch queue fills)."""
+    ids, labels = batch[0].to(device), batch[1].to(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    sync(device)
+    torch.cuda._sleep(int(head_start_s * 2e9))  # cycles, at ~2 GHz (H100/H200 boost: 1.98)
+    start.record()
+    t = time.perf_counter()
+    train_step(model, opt, ids, labels, config, chunk)
+    host_s = time.perf_counter() - t
+    end.record()
+    sync(device)
+    return start.elapsed_time(end) / 1e3, host_s
+
+
 def run(args) -> dict:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     config = preset_config(args.preset)
@@ -327,6 +346,10 @@ def run(args) -> dict:
         times.append(time.perf_counter() - t)
         losses.append(loss.item())
 
+    if args.gpu_bound and cuda:
+        out["gpu_bound_step_s"], out["host_issue_s"] = gpu_bound_step(model, opt, data[-1], config, chunk, device)
+        print(f"one step with the CPU ahead: {out['gpu_bound_step_s'] * 1e3:.1f} ms on the GPU, "
+              f"{out['host_issue_s'] * 1e3:.1f} ms to issue on the CPU", flush=True)
     if args.profile:  # one more step under the profiler: where the time goes, kernel by kernel
         print_profile(model, opt, data[-1], config, chunk, device, args.profile_rows)
 
@@ -379,6 +402,8 @@ def main():
     # report
     p.add_argument("--profile", action="store_true", help="after the timed steps, profile one more and print "
                    "the kernels that take the most device time")
+    p.add_argument("--gpu_bound", action="store_true", help="after the timed steps, time one more with the "
+                   "GPU held back until the CPU has queued it (gpu_bound_step_s, host_issue_s)")
     p.add_argument("--profile_rows", type=int, default=25, help="--profile: kernels listed")
     p.add_argument("--peak_tflops", type=float, default=989.0, help="dense bf16 peak for MFU (H100 SXM: 989)")
     args = p.parse_args()

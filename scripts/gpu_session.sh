@@ -51,6 +51,9 @@
 #                                       # 32k at 14 GB, 8B at 7 GB; the budget curve and the 8B row; a 32k profile
 #   bash scripts/gpu_session.sh part25  # the LoRA products of one 8B layer, as written and transposed
 #                                       # (scripts/bench_lora_products.py); a profile of the 8B step at 2 x 2048
+#   bash scripts/gpu_session.sh part27  # each row's step also timed with the CPU ahead of the GPU (bench.py --gpu_bound:
+#                                       # what the GPU waits on the CPU); SM clock and power. Its _nocast jobs set
+#                                       # MINILORA_LORA_CAST_CACHE=0 for a LoRA-cast cache that was tried and dropped
 #   bash scripts/gpu_session.sh part0   # CPU self-test of this script (tiny model, no peers), any machine
 #   bash scripts/gpu_session.sh run NAME...   # only these jobs (e.g. the ones a part skipped for time)
 #   bash scripts/gpu_session.sh list          # every job, its part, expected seconds and command
@@ -306,6 +309,19 @@ part24 m_8b_bs2        13 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 
 part24 m_8b_32k_profile 70 300 $B --preset llama-3.1-8b --batch_size 1 --seq_len 32768 --gc auto --max_memory_gb 14 $W --profile --profile_rows 16
 part25 lora_products   20  90 python3 scripts/bench_lora_products.py
 part25 m_8b_bs2_profile 30 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W --profile --profile_rows 40
+part27 gputests        40 150 python3 -m pytest -q -p no:cacheprovider tests/test_lora.py tests/test_optim.py -k "cast_cache or triton_step"
+part27 smi_on           1  10 smi_on
+part27 m_8b_gb         13 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W --gpu_bound
+part27 m_8b_gb_nocast  13 240 MINILORA_LORA_CAST_CACHE=0 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W --gpu_bound
+part27 m_8b_gb_2       13 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W --gpu_bound
+part27 m_8b_gb_nocast_2 13 240 MINILORA_LORA_CAST_CACHE=0 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W --gpu_bound
+part27 m_8b_b7_gb      13 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 7 $W --gpu_bound
+part27 m_8b_b7_nocast  13 240 MINILORA_LORA_CAST_CACHE=0 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 7 $W --gpu_bound
+part27 m_1b_bs2_gb     10 180 $B --preset llama-3.2-1b --batch_size 2 --seq_len 2048 --gc auto $W --gpu_bound
+part27 m_1b_bs2_nocast 10 180 MINILORA_LORA_CAST_CACHE=0 $B --preset llama-3.2-1b --batch_size 2 --seq_len 2048 --gc auto $W --gpu_bound
+part27 m_1b_bs8_gb     10 180 $B --preset llama-3.2-1b --batch_size 8 --seq_len 2048 --gc auto $W --gpu_bound
+part27 m_8b_32k_gb     50 300 $B --preset llama-3.1-8b --batch_size 1 --seq_len 32768 --gc auto --max_memory_gb 14 $W --gpu_bound
+part27 smi_off          1  10 smi_off
 part4 h_8b_bs2        120 360 peer_run 8b --framework hf --bs 2 --seq 2048
 part4 h_1b_bs2         60 300 peer_run 1b --framework hf --bs 2 --seq 2048
 part4 m_qwen7b_bs2     40 240 $B --preset qwen2.5-7b --batch_size 2 --seq_len 2048 --gc auto $W
@@ -350,7 +366,30 @@ load_8b() {  # issue 3: peak GPU memory while loading the 8B shape in 4 bits, ag
     rm -rf "$dir"  # 16 GB of disk
     return $rc
 }
-export -f peer_make peer_run peer_make_bg peer_make_wait load_8b
+smi_on() {  # sample the SM clock, power and throttle reasons every 100 ms into $OUT/smi.csv until smi_off
+    nohup nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu,clocks_event_reasons.active \
+        --format=csv,noheader,nounits -lms 100 > "$OUT/smi.csv" 2>&1 &
+    echo "sampling (pid $!) into $OUT/smi.csv"
+}
+smi_off() {  # stop smi_on; the clock and power while the GPU was busy (power above 200 W)
+    pkill -f "nvidia-smi --query-gpu=timestamp" || true
+    python3 - "$OUT/smi.csv" <<'PY'
+import statistics, sys
+rows = [l.split(", ") for l in open(sys.argv[1]) if l.count(",") >= 4]
+busy = [(float(r[1]), float(r[2]), r[4].strip()) for r in rows if r[2].replace(".", "").isdigit() and float(r[2]) > 200]
+if busy:
+    clocks, watts = [b[0] for b in busy], [b[1] for b in busy]
+    reasons = {}
+    for b in busy:
+        reasons[b[2]] = reasons.get(b[2], 0) + 1
+    print(f"{len(busy)} busy samples of {len(rows)}: SM clock min {min(clocks):.0f} median {statistics.median(clocks):.0f} "
+          f"max {max(clocks):.0f} MHz; power median {statistics.median(watts):.0f} max {max(watts):.0f} W; "
+          f"throttle reasons (bitmask: samples) {reasons}")
+else:
+    print(f"no busy samples in {len(rows)} rows")
+PY
+}
+export -f peer_make peer_run peer_make_bg peer_make_wait load_8b smi_on smi_off
 
 setup() {  # peers' wheels on PYTHONPATH; minilora importable as minilora.kernels / minilora.models
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
