@@ -50,15 +50,19 @@ import weakref
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from minilora.cuda_graphs import GraphedLayer, LayerGraphs
+
 MODES = ("off", "recompute", "offload")
 
 
 def set_checkpointing(model, modes: str | list[str], mlp_chunk: int | None = None,
-                      keep_attention: bool = False) -> None:
+                      keep_attention: bool = False, cuda_graphs: bool = False) -> None:
     """Give `model.layer_runners` one entry per decoder layer: None ("off") or a LayerCheckpoint.
     `modes` is one mode for every layer or a list with one mode per layer. `mlp_chunk` (tokens) makes every
     layer's MLP run in chunks of that many tokens, each recomputed in backward (`checkpoint_chunks`); None: whole.
-    `keep_attention`: checkpointed layers keep their attention outputs for the recompute (module docstring)."""
+    `keep_attention`: checkpointed layers keep their attention outputs for the recompute (module docstring).
+    `cuda_graphs`: the "off" layers run as CUDA graphs once a batch shape is steady (minilora/cuda_graphs.py),
+    unless they have LoRA dropout; without an MLP in chunks only."""
     n = len(model.model.layers)
     modes = [modes] * n if isinstance(modes, str) else list(modes)
     if len(modes) != n:
@@ -71,6 +75,12 @@ def set_checkpointing(model, modes: str | list[str], mlp_chunk: int | None = Non
                for m in modes]
     if mlp_chunk is not None and (not isinstance(mlp_chunk, int) or mlp_chunk < 1):
         raise ValueError(f"set_checkpointing: mlp_chunk must be a positive number of tokens, got {mlp_chunk!r}")
+    off = [i for i, m in enumerate(modes) if m == "off"]
+    layers = [model.model.layers[i] for i in off]
+    if cuda_graphs and off and mlp_chunk is None and LayerGraphs.supported(layers):
+        graphs = LayerGraphs(layers, off)
+        for k, i in enumerate(off):
+            runners[i] = GraphedLayer(graphs, k)
     model.layer_runners = runners if any(r is not None for r in runners) else None
     for layer in model.model.layers:
         layer.mlp.chunk_tokens = mlp_chunk

@@ -57,6 +57,7 @@ from dataclasses import dataclass
 import torch
 
 from minilora.checkpointing import MODES, HostOffloader, LayerCheckpoint, host_bytes, set_checkpointing
+from minilora.cuda_graphs import cuda_graphs_env
 from minilora.config import ModelConfig
 from minilora.lora import LoRALinear
 from minilora.optim import OPTIMIZERS
@@ -108,12 +109,14 @@ class Plan:
     host: int = 0  # bytes of layer inputs offloaded to host memory
     dense_layers: int = 0  # layers 0..dense_layers-1 keep their weights dequantized (counted in peak)
     keep_attention: bool = False  # checkpointed layers keep their attention outputs (set_checkpointing's)
+    cuda_graphs: bool = False  # the "off" layers run as CUDA graphs (set_checkpointing's; cuda_graphs_for)
 
     def counts(self) -> str:
         counts = " ".join(f"{m}x{self.modes.count(m)}" for m in MODES if m in self.modes)
         counts += f", MLP in chunks of {self.mlp_chunk} tokens" if self.mlp_chunk else ""
         counts += ", attention outputs kept" if self.keep_attention and self.modes.count("off") < len(self.modes) else ""
-        return counts + (f", {self.dense_layers} layers' weights dequantized" if self.dense_layers else "")
+        counts += f", {self.dense_layers} layers' weights dequantized" if self.dense_layers else ""
+        return counts + (", CUDA graphs" if self.cuda_graphs else "")
 
     def __str__(self) -> str:
         return (f"{self.counts()}: predicted peak {fmt_bytes(self.peak)} of {fmt_bytes(self.budget)} (all offloaded "
@@ -460,6 +463,7 @@ def auto_checkpointing(model, batch: int, seq: int, budget: int | None = None, r
                 error = e
                 continue
             plan.ce_chunk_size, plan.mlp_chunk, plan.keep_attention = chunk, mlp_chunk, keep
+            plan.cuda_graphs = cuda_graphs_for(plan, cuda)
             return plan
     raise error
 
@@ -475,10 +479,22 @@ def keep_attention_at(seq: int, cuda: bool) -> bool:
     return cuda and seq >= KEEP_ATTENTION_MIN_SEQ
 
 
+def cuda_graphs_for(plan: Plan, cuda: bool) -> bool:
+    """Whether the plan's "off" layers run as CUDA graphs (minilora/cuda_graphs.py): MINILORA_CUDA_GRAPHS=1/0,
+    else on CUDA when the predicted peak is at most half the budget. The graphs' pool keeps those layers'
+    activations allocated between steps, so a step at another batch shape (run eagerly) needs as much again;
+    half the budget leaves room for that. The plans that checkpoint most layers are the tight ones, where the
+    recompute's kernels are long enough that launches matter less."""
+    env = cuda_graphs_env()
+    if "off" not in plan.modes or plan.mlp_chunk is not None or not cuda:
+        return False
+    return env if env is not None else 2 * plan.peak <= plan.budget
+
+
 def apply_plan(model, plan: Plan) -> None:
-    """Checkpointing modes, MLP chunks and keep_attention as planned (`set_checkpointing`), and the dequantized weights of
-    layers 0..plan.dense_layers-1 kept (every other layer's dropped)."""
-    set_checkpointing(model, plan.modes, plan.mlp_chunk, plan.keep_attention)
+    """Checkpointing modes, MLP chunks, keep_attention and CUDA graphs as planned (`set_checkpointing`), and the
+    dequantized weights of layers 0..plan.dense_layers-1 kept (every other layer's dropped)."""
+    set_checkpointing(model, plan.modes, plan.mlp_chunk, plan.keep_attention, plan.cuda_graphs)
     keep_dense_layers(model, plan.dense_layers)
 
 

@@ -46,6 +46,7 @@ import torch.nn as nn
 
 from minilora.checkpointing import recompute_output, set_checkpointing
 from minilora.config import ModelConfig
+from minilora.cuda_graphs import GraphedLayer
 from minilora.lora import DEFAULT_TARGETS, LoRALinear, inject_lora, lora_parameters, replace_linears_for_4bit
 from minilora.loss import chunked_cross_entropy
 from minilora.memory_policy import GiB, apply_plan, auto_checkpointing
@@ -321,7 +322,8 @@ def run(args) -> dict:
         print(f"auto checkpointing: {plan}", flush=True)
         modes, chunk, mlp_chunk = plan.modes, chunk or plan.ce_chunk_size, mlp_chunk or plan.mlp_chunk
         keep = plan.keep_attention
-        out.update(budget_gb=plan.budget / GiB, predicted_peak_gb=plan.peak / GiB, dense_layers=plan.dense_layers)
+        out.update(budget_gb=plan.budget / GiB, predicted_peak_gb=plan.peak / GiB, dense_layers=plan.dense_layers,
+                   cuda_graphs=plan.cuda_graphs)
         apply_plan(model, plan)
     else:
         modes = [args.gc] * config.num_hidden_layers
@@ -346,6 +348,10 @@ def run(args) -> dict:
         times.append(time.perf_counter() - t)
         losses.append(loss.item())
 
+    graphed = next((r for r in model.layer_runners or [] if isinstance(r, GraphedLayer)), None)
+    if graphed is not None:  # minilora/cuda_graphs.py: captured once, replayed from the steady shape on
+        g = graphed.graphs
+        out.update(graph_captures=g.captures, graph_replays=g.replays, graph_failed=g.failed)
     if args.gpu_bound and cuda:
         out["gpu_bound_step_s"], out["host_issue_s"] = gpu_bound_step(model, opt, data[-1], config, chunk, device)
         print(f"one step with the CPU ahead: {out['gpu_bound_step_s'] * 1e3:.1f} ms on the GPU, "

@@ -51,9 +51,13 @@
 #                                       # 32k at 14 GB, 8B at 7 GB; the budget curve and the 8B row; a 32k profile
 #   bash scripts/gpu_session.sh part25  # the LoRA products of one 8B layer, as written and transposed
 #                                       # (scripts/bench_lora_products.py); a profile of the 8B step at 2 x 2048
+#   bash scripts/gpu_session.sh part26  # CUDA graphs for the un-checkpointed layers, on (the plan's choice) and off
+#                                       # (MINILORA_CUDA_GRAPHS=0), interleaved: 8B and 1B rows; Unsloth's fast rows
 #   bash scripts/gpu_session.sh part27  # each row's step also timed with the CPU ahead of the GPU (bench.py --gpu_bound:
 #                                       # what the GPU waits on the CPU); SM clock and power. Its _nocast jobs set
 #                                       # MINILORA_LORA_CAST_CACHE=0 for a LoRA-cast cache that was tried and dropped
+#   bash scripts/gpu_session.sh part28  # part26 again with the capture differentiating aliases of the LoRA weights
+#                                       # (minilora/cuda_graphs.py `_run`): GPU tests; 8B and 1B rows on and off
 #   bash scripts/gpu_session.sh part0   # CPU self-test of this script (tiny model, no peers), any machine
 #   bash scripts/gpu_session.sh run NAME...   # only these jobs (e.g. the ones a part skipped for time)
 #   bash scripts/gpu_session.sh list          # every job, its part, expected seconds and command
@@ -309,6 +313,20 @@ part24 m_8b_bs2        13 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 
 part24 m_8b_32k_profile 70 300 $B --preset llama-3.1-8b --batch_size 1 --seq_len 32768 --gc auto --max_memory_gb 14 $W --profile --profile_rows 16
 part25 lora_products   20  90 python3 scripts/bench_lora_products.py
 part25 m_8b_bs2_profile 30 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W --profile --profile_rows 40
+part26 p_make_bg         1  10 peer_make_bg 8b 1b
+part26 gputests        25 120 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py
+part26 m_8b_bs2        13 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
+part26 m_8b_bs2_nograph 13 240 MINILORA_CUDA_GRAPHS=0 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
+part26 m_8b_bs2_again  13 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
+part26 m_8b_bs2_nograph2 13 240 MINILORA_CUDA_GRAPHS=0 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
+part26 m_1b_bs2        10 180 $B --preset llama-3.2-1b --batch_size 2 --seq_len 2048 --gc auto $W
+part26 m_1b_bs2_nograph 10 180 MINILORA_CUDA_GRAPHS=0 $B --preset llama-3.2-1b --batch_size 2 --seq_len 2048 --gc auto $W
+part26 m_1b_bs8        10 180 $B --preset llama-3.2-1b --batch_size 8 --seq_len 2048 --gc auto $W
+part26 m_1b_bs8_nograph 10 180 MINILORA_CUDA_GRAPHS=0 $B --preset llama-3.2-1b --batch_size 8 --seq_len 2048 --gc auto $W
+part26 m_8b_bs2_profile 30 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W --profile --profile_rows 8
+part26 p_make_wait       5 120 peer_make_wait 8b 1b
+part26 u_8b_bs2_gcoff   45 300 peer_run 8b --framework unsloth --bs 2 --seq 2048 --gc off
+part26 u_1b_bs2_gcoff   38 300 peer_run 1b --framework unsloth --bs 2 --seq 2048 --gc off
 part27 gputests        40 150 python3 -m pytest -q -p no:cacheprovider tests/test_lora.py tests/test_optim.py -k "cast_cache or triton_step"
 part27 smi_on           1  10 smi_on
 part27 m_8b_gb         13 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W --gpu_bound
@@ -322,6 +340,15 @@ part27 m_1b_bs2_nocast 10 180 MINILORA_LORA_CAST_CACHE=0 $B --preset llama-3.2-1
 part27 m_1b_bs8_gb     10 180 $B --preset llama-3.2-1b --batch_size 8 --seq_len 2048 --gc auto $W --gpu_bound
 part27 m_8b_32k_gb     50 300 $B --preset llama-3.1-8b --batch_size 1 --seq_len 32768 --gc auto --max_memory_gb 14 $W --gpu_bound
 part27 smi_off          1  10 smi_off
+part28 gputests        25 120 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py
+part28 m_8b_bs2        13 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W --gpu_bound
+part28 m_8b_bs2_nograph 13 240 MINILORA_CUDA_GRAPHS=0 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W --gpu_bound
+part28 m_1b_bs2        10 180 $B --preset llama-3.2-1b --batch_size 2 --seq_len 2048 --gc auto $W --gpu_bound
+part28 m_1b_bs2_nograph 10 180 MINILORA_CUDA_GRAPHS=0 $B --preset llama-3.2-1b --batch_size 2 --seq_len 2048 --gc auto $W --gpu_bound
+part28 m_8b_bs2_again  13 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
+part28 m_8b_bs2_nograph2 13 240 MINILORA_CUDA_GRAPHS=0 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
+part28 m_1b_bs8        10 180 $B --preset llama-3.2-1b --batch_size 8 --seq_len 2048 --gc auto $W
+part28 m_1b_bs8_nograph 10 180 MINILORA_CUDA_GRAPHS=0 $B --preset llama-3.2-1b --batch_size 8 --seq_len 2048 --gc auto $W
 part4 h_8b_bs2        120 360 peer_run 8b --framework hf --bs 2 --seq 2048
 part4 h_1b_bs2         60 300 peer_run 1b --framework hf --bs 2 --seq 2048
 part4 m_qwen7b_bs2     40 240 $B --preset qwen2.5-7b --batch_size 2 --seq_len 2048 --gc auto $W
@@ -484,6 +511,8 @@ for job, r in rows:
         note = f"MINILORA_SDPA={r['sdpa']} " + note
     if r.get("keep_attention"):
         note = "attention kept " + note
+    if r.get("cuda_graphs"):
+        note = "graphs " + note
     if r.get("predicted_peak_gb"):
         note = f"predicted {r['predicted_peak_gb']:.2f} " + note
     loss = f"{f(r.get('first_loss'), '.3f')}>{f(r.get('last_loss'), '.3f')}"
