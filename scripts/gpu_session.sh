@@ -58,6 +58,8 @@
 #                                       # MINILORA_LORA_CAST_CACHE=0 for a LoRA-cast cache that was tried and dropped
 #   bash scripts/gpu_session.sh part28  # part26 again with the capture differentiating aliases of the LoRA weights
 #                                       # (minilora/cuda_graphs.py `_run`): GPU tests; 8B and 1B rows on and off
+#   bash scripts/gpu_session.sh part29  # GPU tests of checkpointing and the memory plan with graphs in; profiles of the
+#                                       # 8B and 1B steps at 2 x 2048 with their layers graphed: where the GPU still waits
 #   bash scripts/gpu_session.sh part0   # CPU self-test of this script (tiny model, no peers), any machine
 #   bash scripts/gpu_session.sh run NAME...   # only these jobs (e.g. the ones a part skipped for time)
 #   bash scripts/gpu_session.sh list          # every job, its part, expected seconds and command
@@ -349,6 +351,9 @@ part28 m_8b_bs2_again  13 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 
 part28 m_8b_bs2_nograph2 13 240 MINILORA_CUDA_GRAPHS=0 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
 part28 m_1b_bs8        10 180 $B --preset llama-3.2-1b --batch_size 8 --seq_len 2048 --gc auto $W
 part28 m_1b_bs8_nograph 10 180 MINILORA_CUDA_GRAPHS=0 $B --preset llama-3.2-1b --batch_size 8 --seq_len 2048 --gc auto $W
+part29 gputests        40 150 python3 -m pytest -q -p no:cacheprovider tests/test_checkpointing.py tests/test_memory_policy.py tests/test_lora.py -k "cuda or gated"
+part29 m_8b_bs2_profile 30 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W --profile --profile_rows 12
+part29 m_1b_bs2_profile 25 240 $B --preset llama-3.2-1b --batch_size 2 --seq_len 2048 --gc auto $W --profile --profile_rows 12
 part4 h_8b_bs2        120 360 peer_run 8b --framework hf --bs 2 --seq 2048
 part4 h_1b_bs2         60 300 peer_run 1b --framework hf --bs 2 --seq 2048
 part4 m_qwen7b_bs2     40 240 $B --preset qwen2.5-7b --batch_size 2 --seq_len 2048 --gc auto $W
