@@ -60,6 +60,8 @@
 #                                       # (minilora/cuda_graphs.py `_run`): GPU tests; 8B and 1B rows on and off
 #   bash scripts/gpu_session.sh part29  # GPU tests of checkpointing and the memory plan with graphs in; profiles of the
 #                                       # 8B and 1B steps at 2 x 2048 with their layers graphed: where the GPU still waits
+#   bash scripts/gpu_session.sh part30  # part22's whole table again with the un-checkpointed layers graphed (where the plan
+#                                       # has room), one more 8B row, then GPU tests of graphs, checkpointing and the plan
 #   bash scripts/gpu_session.sh part0   # CPU self-test of this script (tiny model, no peers), any machine
 #   bash scripts/gpu_session.sh run NAME...   # only these jobs (e.g. the ones a part skipped for time)
 #   bash scripts/gpu_session.sh list          # every job, its part, expected seconds and command
@@ -354,6 +356,23 @@ part28 m_1b_bs8_nograph 10 180 MINILORA_CUDA_GRAPHS=0 $B --preset llama-3.2-1b -
 part29 gputests        40 150 python3 -m pytest -q -p no:cacheprovider tests/test_checkpointing.py tests/test_memory_policy.py tests/test_lora.py -k "cuda or gated"
 part29 m_8b_bs2_profile 30 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W --profile --profile_rows 12
 part29 m_1b_bs2_profile 25 240 $B --preset llama-3.2-1b --batch_size 2 --seq_len 2048 --gc auto $W --profile --profile_rows 12
+part30 p_make_bg         1  10 peer_make_bg 8b 1b
+part30 m_8b_32k_14gb    50 300 $B --preset llama-3.1-8b --batch_size 1 --seq_len 32768 --gc auto --max_memory_gb 14 $W || MINILORA_KEEP_ATTENTION=0 $B --preset llama-3.1-8b --batch_size 1 --seq_len 32768 --gc auto --max_memory_gb 14 $W
+part30 p_make_wait       5 120 peer_make_wait 8b 1b
+part30 m_8b_bs2         12 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
+part30 m_8b_budget7     13 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 7 $W
+part30 m_1b_bs2         15 180 $B --preset llama-3.2-1b --batch_size 2 --seq_len 2048 --gc auto $W
+part30 m_1b_bs8         11 180 $B --preset llama-3.2-1b --batch_size 8 --seq_len 2048 --gc auto $W
+part30 u_8b_32k        115 360 peer_run 8b --framework unsloth --bs 1 --seq 32768
+part30 u_8b_bs2         70 300 peer_run 8b --framework unsloth --bs 2 --seq 2048
+part30 u_8b_bs2_gcoff   55 300 peer_run 8b --framework unsloth --bs 2 --seq 2048 --gc off
+part30 u_1b_bs2         55 300 peer_run 1b --framework unsloth --bs 2 --seq 2048
+part30 u_1b_bs2_gcoff   42 300 peer_run 1b --framework unsloth --bs 2 --seq 2048 --gc off
+part30 u_1b_bs8         48 300 peer_run 1b --framework unsloth --bs 8 --seq 2048
+part30 h_8b_bs2         36 300 peer_run 8b --framework hf --bs 2 --seq 2048
+part30 h_1b_bs2         20 240 peer_run 1b --framework hf --bs 2 --seq 2048
+part30 m_8b_bs2_again   13 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
+part30 gputests        40 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py tests/test_checkpointing.py tests/test_memory_policy.py -k "cuda or graph"
 part4 h_8b_bs2        120 360 peer_run 8b --framework hf --bs 2 --seq 2048
 part4 h_1b_bs2         60 300 peer_run 1b --framework hf --bs 2 --seq 2048
 part4 m_qwen7b_bs2     40 240 $B --preset qwen2.5-7b --batch_size 2 --seq_len 2048 --gc auto $W
