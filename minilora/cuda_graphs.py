@@ -18,7 +18,8 @@ How (as make_graphed_callables, in one private memory pool, recorded in the orde
         backward graphs, last layer to first:  dx_i, dparams_i = grad(out_i, (x_i, params_i), dout_i)
     each later forward at that shape: copy x into x_i (no copy when it is the previous layer's out), replay;
     its backward: copy dout into dout_i, replay, return dx_i and dparams_i.
-Any other shape, no-grad evaluation and generation run eagerly (the graphs stay for when the shape returns).
+Any other shape, no-grad evaluation and generation run eagerly (the graphs stay for when the shape returns);
+a new steady shape is captured in their place, MAX_CAPTURES times at most.
 The pool keeps every graphed layer's activations allocated between steps; memory_policy turns graphs on only
 where the budget has room for that (`Plan.cuda_graphs`). Not with LoRA dropout (each replay would draw the
 same mask), which `LayerGraphs.supported` checks.
@@ -32,6 +33,9 @@ import warnings
 import torch
 
 STEADY_STEPS = 2  # forwards in a row at one shape before its graphs are captured: the first ones run eagerly
+# captures in a model's life at most: each costs WARMUP_ITERS eager passes and the recording, and batch lengths
+# that settle in turns (512, 512, 1024, 1024, 512, ...) would otherwise pay that at every turn
+MAX_CAPTURES = 4
 WARMUP_ITERS = 2  # eager forward + backward passes of each layer before capture (make_graphed_callables: 3)
 
 
@@ -93,7 +97,7 @@ class LayerGraphs:
         self.seen = self.seen + 1 if key == self.key else 1
         self.key = key
         if key != self.captured_key:
-            if self.seen < STEADY_STEPS:
+            if self.seen < STEADY_STEPS or self.captures >= MAX_CAPTURES:
                 return
             try:
                 self._capture(x, inputs)

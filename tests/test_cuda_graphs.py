@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from conftest import report
 from minilora.checkpointing import set_checkpointing
+import minilora.cuda_graphs as cuda_graphs
 from minilora.cuda_graphs import STEADY_STEPS, GraphedLayer
 from minilora.memory_policy import Plan, cuda_graphs_for
 from test_checkpointing import LLAMA, lora_model
@@ -82,6 +83,28 @@ def test_graphed_layers_train_as_eager_ones(device, case):
         assert graphs.replays == expected, (graphs.replays, expected)
     else:
         assert graphs.captures == graphs.replays == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: graphs are captured on the GPU only")
+def test_lengths_settling_in_turns_stop_capturing_at_the_limit(monkeypatch):
+    """Lengths 12, 12, 9, 9, 12, 12, 9, 9: each pair is a new steady shape, captured in place of the last until
+    MAX_CAPTURES (here 2); after that the new shapes run eagerly, the captured one replays, and training is the
+    same as eager throughout."""
+    monkeypatch.setattr(cuda_graphs, "MAX_CAPTURES", 2)
+    steps = [ids for T in (12, 9, 12, 9) for ids in batches("cuda", T=T, n=2, seed=T)]
+    model = lora_model(LLAMA).to("cuda")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    set_checkpointing(model, "off")
+    ref = train(model, steps)
+    model.load_state_dict(state)
+    set_checkpointing(model, "off", cuda_graphs=True)
+    got = train(model, steps)
+    assert_same_training("settling in turns", got, ref, 1e-5)
+    graphs = model.layer_runners[0].graphs
+    # captured at the second 12 and the second 9; the third pair (12) is not the captured shape (9) and is past the
+    # limit, so it runs eagerly; the fourth (9) replays at both of its forwards
+    assert graphs.captures == 2 and not graphs.failed
+    assert graphs.replays == 1 + 1 + 2, graphs.replays
 
 
 def test_no_graphs_with_lora_dropout_or_mlp_chunks():
