@@ -4,7 +4,9 @@ and backward replayed as two recorded graphs instead of ~80 and ~110 kernels lau
 Why: at the 8B shape's 2 x 2048 tokens the GPU runs ~220 ms of kernels in a ~245 ms step; the rest it waits
 for the CPU, which spends a few to tens of microseconds of Python per launch (autograd Functions, Triton's
 launcher, casts) and falls behind at the small kernels between the GEMMs (issue 6's profiles: 3,340 gaps). A
-graph replay is one launch for the whole layer. torch.cuda.make_graphed_callables does the same for modules,
+graph replay is one launch for the whole layer. H200, one call, interleaved (issue 6, gpu_session part28): Llama
+3.2 1B at 2 x 2048, 82,789 tok/s with graphs against 53,850 without; at 8 x 2048, 87,795 against 85,684; the 8B
+shape at 2 x 2048, 17,103 and 16,990 against 16,826 and 16,852. torch.cuda.make_graphed_callables does the same for modules,
 but replaces their forward and hands back detached static gradients that AccumulateGrad may adopt as `.grad`,
 so a second micro-batch's replay would overwrite the first one's gradients; here the Function returns the
 static gradients themselves, which autograd then copies (another reference is held), and eager layers stay
@@ -51,8 +53,8 @@ class _Entry:
     replay hands to autograd; aliases: detached views of them (same storage, so a graph reads the current
     values) that the capture differentiates instead (`_run`)."""
 
-    def __init__(self, layer, x: torch.Tensor, params: dict[str, torch.Tensor]):
-        self.layer, self.x, self.params = layer, x, list(params.values())
+    def __init__(self, layer, params: dict[str, torch.Tensor]):
+        self.layer, self.x, self.params = layer, None, list(params.values())  # x: made at capture
         self.aliases = {name: p.detach().requires_grad_() for name, p in params.items()}
         self.fwd = self.bwd = self.out = self.dout = self.dx = None
         self.dparams: list[torch.Tensor | None] = []
@@ -126,7 +128,7 @@ class LayerGraphs:
         requires_grad = x.requires_grad
         with torch.cuda.stream(stream):
             for layer in self.layers:  # warm-up, eagerly
-                e = _Entry(layer, None, {n: p for n, p in layer.named_parameters() if p.requires_grad})
+                e = _Entry(layer, {n: p for n, p in layer.named_parameters() if p.requires_grad})
                 for _ in range(WARMUP_ITERS):
                     xs = x.detach().clone().requires_grad_(requires_grad)
                     out = _run(e, xs, static_inputs)
