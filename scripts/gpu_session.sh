@@ -63,7 +63,7 @@
 #   bash scripts/gpu_session.sh part30  # part22's whole table again with the un-checkpointed layers graphed (where the plan
 #                                       # has room), one more 8B row, then GPU tests of graphs, checkpointing and the plan
 #   bash scripts/gpu_session.sh part0   # CPU self-test of this script (tiny model, no peers), any machine
-#   bash scripts/gpu_session.sh run NAME...   # only these jobs (e.g. the ones a part skipped for time)
+#   bash scripts/gpu_session.sh run PART:NAME...  # only these jobs (e.g. part30:u_1b_bs8, one a part skipped for time); a plain NAME if one part has it
 #   bash scripts/gpu_session.sh list          # every job, its part, expected seconds and command
 #   bash scripts/gpu_session.sh summary DIR   # the table again, from a part's logs
 # From the device tool: run(command="bash scripts/gpu_session.sh part1", carry=[".peers"]). `.peers` is git-ignored;
@@ -564,9 +564,16 @@ case "$PART" in
     summary) summary "${1:?summary DIR}"; exit 0 ;;
     part0) export DEADLINE_S=120; DEADLINE=$((START + 120)) ;;&
     run)
-        [ $# -gt 0 ] || { echo "run NAME..."; exit 2; }
-        for n in "$@"; do jobs | awk -v n="$n" '$2 == n {f = 1} END {exit !f}' || { echo "no job $n (see: list)"; exit 2; }; done
-        WANT=" $* " ;;
+        # Each job is PART:NAME, or a plain NAME that only one part has (gputests and others repeat across parts).
+        [ $# -gt 0 ] || { echo "run PART:NAME..."; exit 2; }
+        WANT=" "
+        for n in "$@"; do
+            if [[ "$n" == *:* ]]; then p=${n%%:*}; n=${n#*:}; else p=""; fi
+            hits=$(jobs | awk -v p="$p" -v n="$n" '$2 == n && (p == "" || $1 == p) {print $1}')
+            [ -n "$hits" ] || { echo "no job $p${p:+:}$n (see: list)"; exit 2; }
+            [ "$(wc -l <<< "$hits")" -eq 1 ] || { echo "job $n is in parts $(echo $hits); name one: PART:$n"; exit 2; }
+            WANT+="$hits:$n "
+        done ;;
     *)  # a part is any name in the job table's first column
         jobs | awk -v p="$PART" '$1 == p {f = 1} END {exit !f}' || { echo "unknown part $PART; see: bash $0"; exit 2; }
         WANT="" ;;
@@ -575,7 +582,7 @@ LOG=$OUT/$PART
 mkdir -p "$LOG"
 setup
 while read -r part name expect cap cmd; do
-    if [ -n "$WANT" ]; then [[ "$WANT" == *" $name "* ]] || continue
+    if [ -n "$WANT" ]; then [[ "$WANT" == *" $part:$name "* ]] || continue
     else [ "$part" = "$PART" ] || continue; fi
     run_job "$name" "$expect" "$cap" "$cmd"
 done < <(jobs)
