@@ -62,6 +62,8 @@
 #                                       # 8B and 1B steps at 2 x 2048 with their layers graphed: where the GPU still waits
 #   bash scripts/gpu_session.sh part30  # part22's whole table again with the un-checkpointed layers graphed (where the plan
 #                                       # has room), one more 8B row, then GPU tests of graphs, checkpointing and the plan
+#   bash scripts/gpu_session.sh part31  # what part30 had no time for: the 1B rows beside all three peers; the 7 GB row
+#                                       # twice beside Unsloth's 8B default, and the host's pinned copy rate (it offloads)
 #   bash scripts/gpu_session.sh part0   # CPU self-test of this script (tiny model, no peers), any machine
 #   bash scripts/gpu_session.sh run PART:NAME...  # only these jobs (e.g. part30:u_1b_bs8, one a part skipped for time); a plain NAME if one part has it
 #   bash scripts/gpu_session.sh list          # every job, its part, expected seconds and command
@@ -373,6 +375,18 @@ part30 h_8b_bs2         36 300 peer_run 8b --framework hf --bs 2 --seq 2048
 part30 h_1b_bs2         20 240 peer_run 1b --framework hf --bs 2 --seq 2048
 part30 m_8b_bs2_again   13 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
 part30 gputests        40 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py tests/test_checkpointing.py tests/test_memory_policy.py -k "cuda or graph"
+part31 pcie            8  60 pcie_probe
+part31 p_make_bg         1  10 peer_make_bg 8b 1b
+part31 m_8b_budget7     13 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 7 $W --gpu_bound
+part31 m_1b_bs2         15 180 $B --preset llama-3.2-1b --batch_size 2 --seq_len 2048 --gc auto $W
+part31 m_1b_bs8         11 180 $B --preset llama-3.2-1b --batch_size 8 --seq_len 2048 --gc auto $W
+part31 p_make_wait       5 120 peer_make_wait 8b 1b
+part31 u_1b_bs8         60 300 peer_run 1b --framework unsloth --bs 8 --seq 2048
+part31 u_1b_bs2_gcoff   55 300 peer_run 1b --framework unsloth --bs 2 --seq 2048 --gc off
+part31 h_1b_bs2         25 240 peer_run 1b --framework hf --bs 2 --seq 2048
+part31 u_8b_bs2         90 300 peer_run 8b --framework unsloth --bs 2 --seq 2048
+part31 m_8b_budget7_b   13 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 7 $W
+part31 u_1b_bs2         88 300 peer_run 1b --framework unsloth --bs 2 --seq 2048
 part4 h_8b_bs2        120 360 peer_run 8b --framework hf --bs 2 --seq 2048
 part4 h_1b_bs2         60 300 peer_run 1b --framework hf --bs 2 --seq 2048
 part4 m_qwen7b_bs2     40 240 $B --preset qwen2.5-7b --batch_size 2 --seq_len 2048 --gc auto $W
@@ -417,6 +431,25 @@ load_8b() {  # issue 3: peak GPU memory while loading the 8B shape in 4 bits, ag
     rm -rf "$dir"  # 16 GB of disk
     return $rc
 }
+pcie_probe() {  # pinned host<->GPU copy rates, one way and both at once: the 7 GB plan offloads ~0.84 GiB a step
+    python3 - <<'PY'
+import time, torch
+n = 512 << 20
+h, h2 = (torch.empty(n, dtype=torch.uint8, pin_memory=True) for _ in range(2))
+d, d2 = (torch.empty(n, dtype=torch.uint8, device="cuda") for _ in range(2))
+s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+def rate(copies):
+    for _ in range(2):
+        torch.cuda.synchronize(); t = time.perf_counter()
+        for _ in range(8):
+            for stream, dst, src in copies:
+                with torch.cuda.stream(stream): dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize()
+    return 8 * n * len(copies) / (time.perf_counter() - t) / 1e9
+print(f"h2d {rate([(s1, d, h)]):.1f} GB/s, d2h {rate([(s1, h, d)]):.1f} GB/s, "
+      f"both at once {rate([(s1, d, h), (s2, h2, d2)]):.1f} GB/s in all")
+PY
+}
 smi_on() {  # sample the SM clock, power and throttle reasons every 100 ms into $OUT/smi.csv until smi_off
     nohup nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu,clocks_event_reasons.active \
         --format=csv,noheader,nounits -lms 100 > "$OUT/smi.csv" 2>&1 &
@@ -440,7 +473,7 @@ else:
     print(f"no busy samples in {len(rows)} rows")
 PY
 }
-export -f peer_make peer_run peer_make_bg peer_make_wait load_8b smi_on smi_off
+export -f peer_make peer_run peer_make_bg peer_make_wait load_8b smi_on smi_off pcie_probe
 
 setup() {  # peers' wheels on PYTHONPATH; minilora importable as minilora.kernels / minilora.models
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
