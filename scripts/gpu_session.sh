@@ -64,6 +64,7 @@
 #                                       # has room), one more 8B row, then GPU tests of graphs, checkpointing and the plan
 #   bash scripts/gpu_session.sh part31  # what part30 had no time for: the 1B rows beside all three peers; the 7 GB row
 #                                       # twice beside Unsloth's 8B default, and the host's pinned copy rate (it offloads)
+#   bash scripts/gpu_session.sh part32  # the 8B budget curve (7/10/14/20/24 GB) beside Unsloth's two 8B modes, one call
 #   bash scripts/gpu_session.sh part0   # CPU self-test of this script (tiny model, no peers), any machine
 #   bash scripts/gpu_session.sh run PART:NAME...  # only these jobs (e.g. part30:u_1b_bs8, one a part skipped for time); a plain NAME if one part has it
 #   bash scripts/gpu_session.sh list          # every job, its part, expected seconds and command
@@ -387,6 +388,15 @@ part31 h_1b_bs2         25 240 peer_run 1b --framework hf --bs 2 --seq 2048
 part31 u_8b_bs2         90 300 peer_run 8b --framework unsloth --bs 2 --seq 2048
 part31 m_8b_budget7_b   13 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 7 $W
 part31 u_1b_bs2         88 300 peer_run 1b --framework unsloth --bs 2 --seq 2048
+part32 p_make_bg         1  10 peer_make_bg 8b
+part32 m_8b_budget7     13 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 7 $W
+part32 m_8b_budget10    14 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 10 $W
+part32 m_8b_budget14    14 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 14 $W
+part32 m_8b_budget20    14 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 20 $W
+part32 m_8b_budget24    14 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 24 $W
+part32 p_make_wait       5 120 peer_make_wait 8b
+part32 u_8b_bs2         85 300 peer_run 8b --framework unsloth --bs 2 --seq 2048
+part32 u_8b_bs2_gcoff   70 300 peer_run 8b --framework unsloth --bs 2 --seq 2048 --gc off
 part4 h_8b_bs2        120 360 peer_run 8b --framework hf --bs 2 --seq 2048
 part4 h_1b_bs2         60 300 peer_run 1b --framework hf --bs 2 --seq 2048
 part4 m_qwen7b_bs2     40 240 $B --preset qwen2.5-7b --batch_size 2 --seq_len 2048 --gc auto $W
