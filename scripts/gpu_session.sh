@@ -66,7 +66,7 @@
 #                                       # twice beside Unsloth's 8B default, and the host's pinned copy rate (it offloads)
 #   bash scripts/gpu_session.sh part32  # the 8B budget curve (7/10/14/20/24 GB) beside Unsloth's two 8B modes, one call
 #   bash scripts/gpu_session.sh part33  # warm-up for part30: one untimed step of every peer row, so that their compiles
-#                                       # (Unsloth compiles each decoder block) are cached; then part30 on the same warm
+#                                       # (Unsloth compiles each decoder block) are cached, and the host's copy rates; then part30 on the same warm
 #                                       # machine fits its whole table in one call (part30 alone ran out of time twice)
 #   bash scripts/gpu_session.sh part0   # CPU self-test of this script (tiny model, no peers), any machine
 #   bash scripts/gpu_session.sh run PART:NAME...  # only these jobs (e.g. part30:u_1b_bs8, one a part skipped for time); a plain NAME if one part has it
@@ -400,6 +400,7 @@ part32 m_8b_budget24    14 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len
 part32 p_make_wait       5 120 peer_make_wait 8b
 part32 u_8b_bs2         85 300 peer_run 8b --framework unsloth --bs 2 --seq 2048
 part32 u_8b_bs2_gcoff   70 300 peer_run 8b --framework unsloth --bs 2 --seq 2048 --gc off
+part33 pcie            8  60 pcie_probe
 part33 p_make_bg         1  10 peer_make_bg 8b 1b
 part33 p_make_wait      30 120 peer_make_wait 8b 1b
 part33 w_u_8b_32k      100 200 peer_run 8b --framework unsloth --bs 1 --seq 32768 --warmup 0 --steps 1
