@@ -65,9 +65,9 @@
 #   bash scripts/gpu_session.sh part31  # what part30 had no time for: the 1B rows beside all three peers; the 7 GB row
 #                                       # twice beside Unsloth's 8B default, and the host's pinned copy rate (it offloads)
 #   bash scripts/gpu_session.sh part32  # the 8B budget curve (7/10/14/20/24 GB) beside Unsloth's two 8B modes, one call
-#   bash scripts/gpu_session.sh part33  # warm-up for part30: one untimed step of every peer row, so that their compiles
-#                                       # (Unsloth compiles each decoder block) are cached, and the host's copy rates; then part30 on the same warm
-#                                       # machine fits its whole table in one call (part30 alone ran out of time twice)
+#   bash scripts/gpu_session.sh part33  # warm-up for part30: the host's pinned copy rates, then one untimed step of
+#                                       # every peer row, so that their compiles (Unsloth compiles each decoder block)
+#                                       # are cached; part30 on the same warm machine then fits its table in one call
 #   bash scripts/gpu_session.sh part0   # CPU self-test of this script (tiny model, no peers), any machine
 #   bash scripts/gpu_session.sh run PART:NAME...  # only these jobs (e.g. part30:u_1b_bs8, one a part skipped for time); a plain NAME if one part has it
 #   bash scripts/gpu_session.sh list          # every job, its part, expected seconds and command
