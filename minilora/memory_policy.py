@@ -355,10 +355,15 @@ def measure_head_bytes(model, batch: int, seq: int, chunk_size: int | None) -> i
 
 def default_budget(device: torch.device) -> int:
     """What this process could hold at its peak: CUDA's free memory plus what the caching allocator already
-    holds, less 8% for fragmentation (reserved memory runs a few percent above allocated); on CPU, available RAM."""
+    holds, no more than a cap set with torch.cuda.set_per_process_memory_fraction, less 8% for fragmentation
+    (reserved memory runs a few percent above allocated); on CPU, available RAM."""
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int((free + torch.cuda.memory_reserved(device)) * 0.92)
+        free, total = torch.cuda.mem_get_info(device)
+        held = free + torch.cuda.memory_reserved(device)
+        get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # torch >= 2.7
+        if get_fraction is not None:  # the allocator raises OOM past fraction * total, whatever is free
+            held = min(held, int(get_fraction(device) * total))
+        return int(held * 0.92)
     return _available_ram()
 
 

@@ -3,6 +3,7 @@
     python scripts/bench.py --preset llama-3.1-8b --batch_size 2 --seq_len 2048            # --gc auto (default)
     python scripts/bench.py --preset llama-3.1-8b --gc auto --max_memory_gb 7              # a memory budget
     python scripts/bench.py --preset llama-3.2-1b --gc off                                 # off|recompute|offload
+    python scripts/bench.py --preset llama-3.1-8b --batch_size 1 --seq_len 360448 --gpu_memory_gb 79.1  # an H100's room
     python scripts/bench.py --preset tiny --device cpu --warmup 1 --steps 2                # code paths on CPU
 
 No checkpoint on disk: the model is built on the meta device, then every projection gets a random bf16 weight
@@ -305,6 +306,14 @@ def run(args) -> dict:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     config = preset_config(args.preset)
     cuda = device.type == "cuda"
+    if args.gpu_memory_gb is not None:  # a smaller GPU on this one: the allocator raises OOM past the cap
+        if not cuda:
+            raise ValueError(f"--gpu_memory_gb caps CUDA memory; --device {args.device} has none to cap")
+        total = torch.cuda.mem_get_info(device)[1]
+        if not 0 < args.gpu_memory_gb * GiB <= total:
+            raise ValueError(f"--gpu_memory_gb {args.gpu_memory_gb}: expected a cap within {args.device}'s "
+                             f"{total / GiB:.1f} GiB")
+        torch.cuda.set_per_process_memory_fraction(args.gpu_memory_gb * GiB / total, device)
     t = time.perf_counter()
     model = build_qlora_model(config, device, dtype, args.r, args.lora_alpha)
     sync(device)
@@ -400,6 +409,10 @@ def main():
     p.add_argument("--max_memory_gb", type=float, default=None,
                    help="--gc auto: peak allocated GiB (2^30 bytes, as peak_alloc_gb) to stay under "
                         "(default: what the GPU has free)")
+    p.add_argument("--gpu_memory_gb", type=float, default=None,
+                   help="cap this process's CUDA memory at this many GiB (torch.cuda.set_per_process_memory_fraction)"
+                        ", to measure what fits on a smaller GPU, e.g. 79.1 for an 80 GB H100; --gc auto plans "
+                        "within it")
     p.add_argument("--optim", default="adamw_8bit", choices=OPTIMIZERS,
                    help="adamw_8bit: the peers' optimizer (bitsandbytes AdamW8bit), rebuilt in minilora/optim.py")
     p.add_argument("--ce_chunk", type=int, default=None, help="rows per loss-head chunk (default: the loss's)")
@@ -415,7 +428,7 @@ def main():
     args = p.parse_args()
 
     res = dict(framework="minilora", preset=args.preset, bs=args.batch_size, seq=args.seq_len, r=args.r,
-               gc=args.gc, max_memory_gb=args.max_memory_gb)
+               gc=args.gc, max_memory_gb=args.max_memory_gb, gpu_memory_gb=args.gpu_memory_gb)
     try:
         res.update(run(args), ok=True)
     except Exception as e:  # report, never hide: one RESULT line per run, as peers_gpu.py does

@@ -340,6 +340,34 @@ def test_fixed_bytes_count_the_optimizer_state():
     assert real < weights and fp32.fixed - int8.fixed == 2 * weights - real  # under half of fp32 moments
 
 
+def test_default_budget_obeys_a_per_process_memory_fraction(monkeypatch):
+    """A cap set with torch.cuda.set_per_process_memory_fraction bounds the default budget: the allocator raises
+    OOM past fraction * total however much the GPU has free. Faked here (CPU CI); the CUDA test below is real."""
+    from minilora.memory_policy import default_budget
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100 * GiB, 140 * GiB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 2 * GiB)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: 1.0, raising=False)
+    cuda = torch.device("cuda", 0)
+    assert default_budget(cuda) == int(102 * GiB * 0.92)  # free + what the allocator holds
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: 0.5, raising=False)
+    assert default_budget(cuda) == int(70 * GiB * 0.92)  # capped at half of 140 GiB
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_default_budget_under_a_real_memory_fraction():
+    from minilora.memory_policy import default_budget
+    cuda = torch.device("cuda", torch.cuda.current_device())
+    total = torch.cuda.get_device_properties(cuda).total_memory
+    before = torch.cuda.get_per_process_memory_fraction(cuda)
+    try:
+        torch.cuda.set_per_process_memory_fraction(0.25, cuda)
+        got = default_budget(cuda)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(before, cuda)
+    print(f"budget {got / GiB:.2f} GiB under a cap of {0.25 * total / GiB:.2f} GiB")
+    assert got <= 0.25 * total * 0.92 + 1
+
+
 def test_auto_plan_error_names_the_budget():
     model = tiny_qlora(LLAMA, dtype=torch.float32)
     with pytest.raises(MemoryBudgetError, match="too small"):
