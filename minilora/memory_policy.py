@@ -362,7 +362,8 @@ def default_budget(device: torch.device) -> int:
         held = free + torch.cuda.memory_reserved(device)
         get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # torch >= 2.7
         if get_fraction is not None:  # the allocator raises OOM past fraction * total, whatever is free
-            held = min(held, int(get_fraction(device) * total))
+            index = torch.cuda.current_device() if device.index is None else device.index  # it takes no bare "cuda"
+            held = min(held, int(get_fraction(index) * total))
         return int(held * 0.92)
     return _available_ram()
 

@@ -313,7 +313,8 @@ def run(args) -> dict:
         if not 0 < args.gpu_memory_gb * GiB <= total:
             raise ValueError(f"--gpu_memory_gb {args.gpu_memory_gb}: expected a cap within {args.device}'s "
                              f"{total / GiB:.1f} GiB")
-        torch.cuda.set_per_process_memory_fraction(args.gpu_memory_gb * GiB / total, device)
+        torch.cuda.set_per_process_memory_fraction(args.gpu_memory_gb * GiB / total,
+                                                   torch.cuda.current_device() if device.index is None else device.index)
     t = time.perf_counter()
     model = build_qlora_model(config, device, dtype, args.r, args.lora_alpha)
     sync(device)

@@ -347,7 +347,8 @@ def test_default_budget_obeys_a_per_process_memory_fraction(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100 * GiB, 140 * GiB))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 2 * GiB)
     monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: 1.0, raising=False)
-    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    cuda = torch.device("cuda")  # no index, as users write it
     assert default_budget(cuda) == int(102 * GiB * 0.92)  # free + what the allocator holds
     monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: 0.5, raising=False)
     assert default_budget(cuda) == int(70 * GiB * 0.92)  # capped at half of 140 GiB
@@ -356,14 +357,15 @@ def test_default_budget_obeys_a_per_process_memory_fraction(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_default_budget_under_a_real_memory_fraction():
     from minilora.memory_policy import default_budget
-    cuda = torch.device("cuda", torch.cuda.current_device())
+    cuda = torch.device("cuda")  # no index: get/set_per_process_memory_fraction take none
     total = torch.cuda.get_device_properties(cuda).total_memory
-    before = torch.cuda.get_per_process_memory_fraction(cuda)
+    index = torch.cuda.current_device()
+    before = torch.cuda.get_per_process_memory_fraction(index)
     try:
-        torch.cuda.set_per_process_memory_fraction(0.25, cuda)
+        torch.cuda.set_per_process_memory_fraction(0.25, index)
         got = default_budget(cuda)
     finally:
-        torch.cuda.set_per_process_memory_fraction(before, cuda)
+        torch.cuda.set_per_process_memory_fraction(before, index)
     print(f"budget {got / GiB:.2f} GiB under a cap of {0.25 * total / GiB:.2f} GiB")
     assert got <= 0.25 * total * 0.92 + 1
 
