@@ -70,6 +70,9 @@
 #                                       # are cached; part30 on the same warm machine then fits its table in one call
 #   bash scripts/gpu_session.sh part34  # long context again on today's code, in an 80 GB H100's room (--gpu_memory_gb 79.1
 #                                       # caps the allocator): the 8B shape at 360,448 tokens, one step; GPU test of the cap
+#   bash scripts/gpu_session.sh part35  # after part30: 32k at 14 GB with the allocator capped there too (--gpu_memory_gb
+#                                       # 14: part30's 20.8 GB reserved is cache, not need); the 8B budget curve at
+#                                       # 10/14/20 GB beside Unsloth's two 8B modes; part30's GPU tests, untruncated
 #   bash scripts/gpu_session.sh part0   # CPU self-test of this script (tiny model, no peers), any machine
 #   bash scripts/gpu_session.sh run PART:NAME...  # only these jobs (e.g. part30:u_1b_bs8, one a part skipped for time); a plain NAME if one part has it
 #   bash scripts/gpu_session.sh list          # every job, its part, expected seconds and command
@@ -415,6 +418,15 @@ part33 w_h_8b_bs2       30 120 peer_run 8b --framework hf --bs 2 --seq 2048 --wa
 part33 w_h_1b_bs2       20 120 peer_run 1b --framework hf --bs 2 --seq 2048 --warmup 0 --steps 1
 part34 gputests         25  60 python3 -m pytest -q -p no:cacheprovider tests/test_memory_policy.py -k default_budget
 part34 m_8b_360k_h100  330 540 $B --preset llama-3.1-8b --batch_size 1 --seq_len 360448 --gc auto --mlp_chunk 8192 --gpu_memory_gb 79.1 --warmup 0 --steps 1
+part35 p_make_bg         1  10 peer_make_bg 8b
+part35 m_8b_32k_cap14   60 240 $B --preset llama-3.1-8b --batch_size 1 --seq_len 32768 --gc auto --max_memory_gb 14 --gpu_memory_gb 14 $W
+part35 m_8b_budget10    14 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 10 $W
+part35 m_8b_budget14    14 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 14 $W
+part35 m_8b_budget20    14 240 $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 20 $W
+part35 p_make_wait       5 120 peer_make_wait 8b
+part35 u_8b_bs2         85 300 peer_run 8b --framework unsloth --bs 2 --seq 2048
+part35 u_8b_bs2_gcoff   70 300 peer_run 8b --framework unsloth --bs 2 --seq 2048 --gc off
+part35 gputests         70 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py tests/test_checkpointing.py tests/test_memory_policy.py -k "cuda or graph"
 part4 h_8b_bs2        120 360 peer_run 8b --framework hf --bs 2 --seq 2048
 part4 h_1b_bs2         60 300 peer_run 1b --framework hf --bs 2 --seq 2048
 part4 m_qwen7b_bs2     40 240 $B --preset qwen2.5-7b --batch_size 2 --seq_len 2048 --gc auto $W
