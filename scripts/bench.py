@@ -42,6 +42,10 @@ import re
 import statistics
 import time
 
+from minilora.allocator import prefer_expandable_segments
+
+ALLOC_CONF = prefer_expandable_segments()  # before torch loads: then a memory plan's peak is what the GPU must hold
+
 import torch
 import torch.nn as nn
 
@@ -429,7 +433,8 @@ def main():
     args = p.parse_args()
 
     res = dict(framework="minilora", preset=args.preset, bs=args.batch_size, seq=args.seq_len, r=args.r,
-               gc=args.gc, max_memory_gb=args.max_memory_gb, gpu_memory_gb=args.gpu_memory_gb)
+               gc=args.gc, max_memory_gb=args.max_memory_gb, gpu_memory_gb=args.gpu_memory_gb,
+               alloc_conf=ALLOC_CONF)
     try:
         res.update(run(args), ok=True)
     except Exception as e:  # report, never hide: one RESULT line per run, as peers_gpu.py does

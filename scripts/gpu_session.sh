@@ -73,6 +73,13 @@
 #   bash scripts/gpu_session.sh part35  # after part30: 32k at 14 GB with the allocator capped there too (--gpu_memory_gb
 #                                       # 14: part30's 20.8 GB reserved is cache, not need); the 8B budget curve at
 #                                       # 10/14/20 GB beside Unsloth's two 8B modes; part30's GPU tests, untruncated
+#   bash scripts/gpu_session.sh part36  # part35's capped 32k OOMed on fragmentation (0.9 GiB reserved, not allocated): the
+#                                       # capped rows with PyTorch's expandable segments and with a budget 1 GB under the
+#                                       # cap; expandable segments' cost on the graphed rows, against the plain allocator.
+#                                       # Since then bench.py and train.py set expandable segments themselves (minilora/
+#                                       # allocator.py); earlier parts ran on the plain allocator
+#   bash scripts/gpu_session.sh part37  # (not yet run) the GPU test of expandable segments in the scripts' import order;
+#                                       # part34's 360,448 tokens again, now on expandable segments (the scripts' default)
 #   bash scripts/gpu_session.sh part0   # CPU self-test of this script (tiny model, no peers), any machine
 #   bash scripts/gpu_session.sh run PART:NAME...  # only these jobs (e.g. part30:u_1b_bs8, one a part skipped for time); a plain NAME if one part has it
 #   bash scripts/gpu_session.sh list          # every job, its part, expected seconds and command
@@ -427,6 +434,15 @@ part35 p_make_wait       5 120 peer_make_wait 8b
 part35 u_8b_bs2         85 300 peer_run 8b --framework unsloth --bs 2 --seq 2048
 part35 u_8b_bs2_gcoff   70 300 peer_run 8b --framework unsloth --bs 2 --seq 2048 --gc off
 part35 gputests         70 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py tests/test_checkpointing.py tests/test_memory_policy.py -k "cuda or graph"
+part36 m_8b_32k_cap14_exp 60 240 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True $B --preset llama-3.1-8b --batch_size 1 --seq_len 32768 --gc auto --max_memory_gb 14 --gpu_memory_gb 14 $W
+part36 m_8b_32k_cap14_b13 60 240 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False $B --preset llama-3.1-8b --batch_size 1 --seq_len 32768 --gc auto --max_memory_gb 13 --gpu_memory_gb 14 $W
+part36 m_8b_cap7_exp     15 240 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto --max_memory_gb 7 --gpu_memory_gb 7 $W
+part36 m_8b_bs2          15 240 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
+part36 m_8b_bs2_exp      15 240 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True $B --preset llama-3.1-8b --batch_size 2 --seq_len 2048 --gc auto $W
+part36 m_1b_bs2          13 180 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False $B --preset llama-3.2-1b --batch_size 2 --seq_len 2048 --gc auto $W
+part36 m_1b_bs2_exp      13 180 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True $B --preset llama-3.2-1b --batch_size 2 --seq_len 2048 --gc auto $W
+part37 gputests         20  60 python3 -m pytest -q -p no:cacheprovider tests/test_allocator.py -k cuda
+part37 m_8b_360k_h100  330 540 $B --preset llama-3.1-8b --batch_size 1 --seq_len 360448 --gc auto --mlp_chunk 8192 --gpu_memory_gb 79.1 --warmup 0 --steps 1
 part4 h_8b_bs2        120 360 peer_run 8b --framework hf --bs 2 --seq 2048
 part4 h_1b_bs2         60 300 peer_run 1b --framework hf --bs 2 --seq 2048
 part4 m_qwen7b_bs2     40 240 $B --preset qwen2.5-7b --batch_size 2 --seq_len 2048 --gc auto $W
@@ -608,6 +624,8 @@ for job, r in rows:
         note = f"MINILORA_SDPA={r['sdpa']} " + note
     if r.get("keep_attention"):
         note = "attention kept " + note
+    if r.get("alloc_conf", "expandable_segments:True") != "expandable_segments:True":
+        note = f"alloc {r['alloc_conf']} " + note
     if r.get("cuda_graphs"):
         note = "graphs " + note
     if r.get("predicted_peak_gb"):

@@ -15,6 +15,10 @@ import sys
 import time
 from pathlib import Path
 
+from minilora.allocator import prefer_expandable_segments
+
+ALLOC_CONF = prefer_expandable_segments()  # before torch loads: then a memory plan's peak is what the GPU must hold
+
 import torch
 
 from minilora.adapter import save_adapter
@@ -79,7 +83,8 @@ g.add_argument("--optim", default="adamw", choices=OPTIMIZERS,
 g.add_argument("--gradient_checkpointing", default="auto", choices=["auto", "off", "recompute", "offload"],
                help="per decoder layer; auto: as many layers un-checkpointed as --max_memory_gb allows")
 g.add_argument("--max_memory_gb", type=float, default=None,
-               help="auto checkpointing's budget of peak allocated GiB (default: what the device has free)")
+               help="auto checkpointing's budget of peak allocated GiB (default: what the device has free); with "
+                    "the expandable segments this script asks CUDA for (minilora/allocator.py), what the GPU must hold")
 g.add_argument("--seed", type=int, default=3407)
 g = p.add_argument_group("logging and output")
 g.add_argument("--logging_steps", type=int, default=1)
