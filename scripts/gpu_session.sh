@@ -78,8 +78,8 @@
 #                                       # cap; expandable segments' cost on the graphed rows, against the plain allocator.
 #                                       # Since then bench.py and train.py set expandable segments themselves (minilora/
 #                                       # allocator.py); earlier parts ran on the plain allocator
-#   bash scripts/gpu_session.sh part37  # (not yet run) the GPU test of expandable segments in the scripts' import order;
-#                                       # part34's 360,448 tokens again, now on expandable segments (the scripts' default)
+#   bash scripts/gpu_session.sh part37  # the GPU test of expandable segments in the scripts' import order;
+#                                       # (passed); part34's 360,448 tokens again on expandable segments (not yet run)
 #   bash scripts/gpu_session.sh part0   # CPU self-test of this script (tiny model, no peers), any machine
 #   bash scripts/gpu_session.sh run PART:NAME...  # only these jobs (e.g. part30:u_1b_bs8, one a part skipped for time); a plain NAME if one part has it
 #   bash scripts/gpu_session.sh list          # every job, its part, expected seconds and command
@@ -675,6 +675,7 @@ setup
 while read -r part name expect cap cmd; do
     if [ -n "$WANT" ]; then [[ "$WANT" == *" $part:$name "* ]] || continue
     else [ "$part" = "$PART" ] || continue; fi
+    [ -e "$LOG/$name.log" ] && name="${part}_$name"  # `run` of two parts' gputests: keep both logs
     run_job "$name" "$expect" "$cap" "$cmd"
 done < <(jobs)
 summary "$LOG" | tee "$LOG/summary.txt"
