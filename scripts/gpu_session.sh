@@ -78,7 +78,7 @@
 #                                       # cap; expandable segments' cost on the graphed rows, against the plain allocator.
 #                                       # Since then bench.py and train.py set expandable segments themselves (minilora/
 #                                       # allocator.py); earlier parts ran on the plain allocator
-#   bash scripts/gpu_session.sh part37  # the GPU test of expandable segments in the scripts' import order;
+#   bash scripts/gpu_session.sh part37  # the GPU test of expandable segments in the scripts' import order
 #                                       # (passed); part34's 360,448 tokens again on expandable segments (not yet run)
 #   bash scripts/gpu_session.sh part0   # CPU self-test of this script (tiny model, no peers), any machine
 #   bash scripts/gpu_session.sh run PART:NAME...  # only these jobs (e.g. part30:u_1b_bs8, one a part skipped for time); a plain NAME if one part has it
